@@ -17,11 +17,13 @@ setup(
         "consoled",
         "consoled.store",
         "consoled.sql",
-        "consoled.sql.versions",
         "twisted.plugins",
     ],
-    package_dir={"consoled.sql": "sql", "consoled.sql.versions": "sql/versions"},
-    package_data={"twisted.plugins": ["consoled_plugin.py"], "consoled": ["web/*"]},
+    package_dir={"consoled.sql": "sql"},
+    package_data={
+        "consoled.sql": ["versions/*.py", "script.py.mako"],
+        "consoled": ["web/*"],
+    },
     include_package_data=True,
     install_requires=[
         "Twisted[tls]>=24.3",
@@ -41,6 +43,7 @@ setup(
             "PyMySQL>=1.1",
             "hypothesis>=6.100",
             "ruff",
+            "wheel",  # tests build the wheel to prove the migrations travel in it
         ],
     },
     entry_points={"console_scripts": ["consoled-manage = consoled.manage:main"]},

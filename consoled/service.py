@@ -1,0 +1,126 @@
+"""``twistd consoled``: options and service assembly, nothing else.
+
+Read settings, open the store, compose the services.  Start-up order is the
+order of the children; shut-down runs the other way round and waits for
+each child before the next: doors stop accepting, sessions end (rows closed,
+locks released), then the store's thread pool stops after calls in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import usage
+
+from consoled.config import ConfigError, Settings, load_settings
+from consoled.store import Store, open_store, schema
+from consoled.store.engine import describe_error, safe_url
+from consoled.timers import clean_expired_tokens, duty
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config-file FILE ...]"
+    longdesc = "Serve remote consoles (noVNC, SPICE, serial, XVP) from one reactor."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["config_files"] = []
+
+    def opt_config_file(self, path: str) -> None:
+        """An INI file (nova.conf works as it is); repeatable, later files win."""
+        self["config_files"].append(path)
+
+    def postOptions(self) -> None:
+        try:
+            self.settings: Settings = load_settings(self["config_files"], log=log)
+        except ConfigError as error:
+            raise SystemExit(f"consoled: {error}")
+
+
+class SequentialMultiService(MultiService):
+    """A MultiService that stops its children one at a time, last first."""
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {service} failed", service=child.name)
+
+
+class StoreService(Service):
+    """Owns the store's thread pool: started first, stopped last."""
+
+    name = "store"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        d = self.store.stop()
+        d.addCallback(lambda _: log.info("store stopped"))
+        return d
+
+
+def prepare_schema(store: Store, embedded: bool) -> None:
+    """Bring the embedded SQLite default to head; refuse any other database behind it.
+
+    Runs before the reactor does, so blocking here blocks nothing.
+    """
+    try:
+        if embedded:
+            schema.upgrade(store.engine)
+        else:
+            schema.check(store.engine)
+    except schema.SchemaBehind as error:
+        raise SystemExit(f"consoled: {error}")
+    except Exception as error:
+        raise SystemExit(f"consoled: {describe_error(error, store.engine.url)}")
+
+
+def proxy_name(settings: Settings) -> str:
+    return settings.consoled.proxy_name or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor
+    settings = options.settings
+    store, embedded = open_store(
+        settings.database.connection,
+        reactor,
+        threads=settings.consoled.db_threads,
+        state_path=settings.default.state_path,
+        recycle=settings.database.connection_recycle_time,
+    )
+    prepare_schema(store, embedded)
+
+    top = SequentialMultiService()
+    StoreService(store).setServiceParent(top)
+    duty(
+        "token-cleaner",
+        settings.consoled.token_clean_interval,
+        clean_expired_tokens,
+        store,
+        settings.consoled.token_clean_batch,
+    ).setServiceParent(top)
+    log.info(
+        "consoled ready: database {database}, proxy {proxy}",
+        database=safe_url(store.engine.url),
+        proxy=proxy_name(settings),
+    )
+    return top

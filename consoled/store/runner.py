@@ -1,0 +1,77 @@
+"""Where blocking database work runs: the store's own thread pool, or inline in tests."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> defer.Deferred[None]: ...
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]: ...
+
+
+class ThreadRunner:
+    """Runs each unit of database work in a thread of a pool owned by the store.
+
+    ``stop`` waits for the calls already in flight before stopping the pool,
+    so a shutdown never cuts a transaction (ending session rows, releasing
+    leases) in half; joining idle threads afterwards is immediate.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, size: int, name: str = "consoled-db") -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+        self._in_flight: set[defer.Deferred[Any]] = set()
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        d = deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+        self._in_flight.add(d)
+
+        def forget(result: Any) -> Any:
+            self._in_flight.discard(d)
+            return result
+
+        return d.addBoth(forget)
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        while self._in_flight:
+            waiting = [_observe(d) for d in list(self._in_flight)]
+            yield defer.DeferredList(waiting, consumeErrors=True)
+        self._pool.stop()
+
+
+class InlineRunner:
+    """Runs database work synchronously on the caller's thread (unit tests, the CLI)."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        return defer.maybeDeferred(f, *args, **kwargs)
+
+
+def _observe(d: defer.Deferred[Any]) -> defer.Deferred[None]:
+    """A Deferred that fires when ``d`` does, without touching ``d``'s result."""
+    observer: defer.Deferred[None] = defer.Deferred()
+
+    def fire(result: Any) -> Any:
+        observer.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return observer

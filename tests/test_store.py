@@ -1,0 +1,197 @@
+"""The Store on every backend: SQLite, and real PostgreSQL and MariaDB servers."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from consoled.store import Store, schema
+from consoled.store.engine import make_engine
+from consoled.store.runner import InlineRunner, ThreadRunner
+from consoled.store.tables import console_auth_tokens
+from consoled.tokens import hash_token
+from tests.databases import fresh_database
+
+NOW = 1_800_000_000
+INSTANCE = "9b2c4f0e-3d1a-4c5b-8e7f-0a1b2c3d4e5f"
+OTHER = "1e2d3c4b-5a69-4788-9a0b-c1d2e3f4a5b6"
+
+
+class StoreTestsMixin:
+    """One body of store tests; a subclass per backend sets ``backend``."""
+
+    backend: str
+
+    def setUp(self: Any) -> None:
+        self.engine = make_engine(fresh_database(self, self.backend))
+        self.addCleanup(self.engine.dispose)
+        schema.upgrade(self.engine)
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.store = Store(self.engine, InlineRunner(), self.clock)
+
+    def authorize(self: Any, **overrides: Any) -> Any:
+        values = dict(
+            console_type="novnc",
+            host="compute-1",
+            port=5901,
+            instance_uuid=INSTANCE,
+            access_url_base="http://proxy:6080/vnc_auto.html",
+            ttl=600,
+        )
+        values.update(overrides)
+        return self.successResultOf(self.store.authorize(**values))
+
+    def rows(self: Any) -> list[dict[str, Any]]:
+        with self.engine.connect() as connection:
+            return [dict(r._mapping) for r in connection.execute(sa.select(console_auth_tokens))]
+
+    def test_authorize_stores_only_the_digest(self: Any) -> None:
+        """The row holds sha256(token) and expires = now + ttl; the token is nowhere in it."""
+        issued = self.authorize(internal_access_path="/console?ref=1", tls_port=5902)
+        (row,) = self.rows()
+        self.assertEqual(row["token_hash"], hash_token(issued.token))
+        self.assertEqual(row["expires"], NOW + 600)
+        self.assertEqual(row["tls_port"], 5902)
+        self.assertEqual(row["internal_access_path"], "/console?ref=1")
+        self.assertEqual(row["created_at"], datetime.datetime(2027, 1, 15, 8, 0))
+        self.assertNotIn(issued.token, repr(row))
+
+    def test_validate(self: Any) -> None:
+        """A live token leads to its console; the answer carries no token."""
+        issued = self.authorize()
+        info = self.successResultOf(self.store.validate(issued.token))
+        self.assertEqual((info.host, info.port, info.console_type), ("compute-1", 5901, "novnc"))
+        self.assertEqual(info, issued.connect_info)
+
+    def test_expired_and_unknown_are_one_answer(self: Any) -> None:
+        """An unknown token and one at or past its expiry both validate to None."""
+        issued = self.authorize(ttl=10)
+        self.assertIsNone(self.successResultOf(self.store.validate(str(uuid.uuid4()))))
+        self.clock.advance(9)
+        self.assertIsNotNone(self.successResultOf(self.store.validate(issued.token)))
+        self.clock.advance(1)
+        self.assertIsNone(self.successResultOf(self.store.validate(issued.token)))
+
+    def test_nova_written_row_validates(self: Any) -> None:
+        """A row inserted the way nova's console_auth_token_create does validates here."""
+        token = "2f6a4bd5-7e0b-4c8e-9a55-1f0c3f2d8e61"
+        with self.engine.begin() as connection:
+            connection.execute(
+                console_auth_tokens.insert().values(
+                    token_hash="795f320804ab28ff224cb5b96f54635e7c4bd802ce7dbe943ef14e5dbe2da809",
+                    console_type="serial",
+                    host="10.0.0.5",
+                    port=10000,
+                    internal_access_path=None,
+                    instance_uuid=INSTANCE,
+                    expires=NOW + 30,
+                    access_url_base="ws://proxy:6083/",
+                    created_at=datetime.datetime(2027, 1, 15, 8, 0),
+                )
+            )
+        info = self.successResultOf(self.store.validate(token))
+        self.assertEqual((info.console_type, info.host, info.port), ("serial", "10.0.0.5", 10000))
+        self.assertIsNone(info.tls_port)
+
+    def test_lookup_shows_expired(self: Any) -> None:
+        """lookup finds a token's row even after expiry, for `token show`."""
+        issued = self.authorize(ttl=5)
+        self.clock.advance(60)
+        self.assertEqual(self.successResultOf(self.store.lookup(issued.token)).id, issued.connect_info.id)
+
+    def test_list_filters(self: Any) -> None:
+        """list_tokens filters by instance and by host, ordered by expiry."""
+        first = self.authorize(ttl=100)
+        second = self.authorize(ttl=50, host="compute-2")
+        self.authorize(instance_uuid=OTHER)
+        every = self.successResultOf(self.store.list_tokens())
+        self.assertEqual(len(every), 3)
+        self.assertEqual(every[0].id, second.connect_info.id)
+        by_instance = self.successResultOf(self.store.list_tokens(instance_uuid=INSTANCE))
+        self.assertEqual({i.id for i in by_instance}, {first.connect_info.id, second.connect_info.id})
+        by_host = self.successResultOf(self.store.list_tokens(host="compute-2"))
+        self.assertEqual([i.id for i in by_host], [second.connect_info.id])
+
+    def test_revoke_instance(self: Any) -> None:
+        """Revoking an instance deletes its tokens and only its tokens."""
+        issued = [self.authorize() for _ in range(3)]
+        kept = self.authorize(instance_uuid=OTHER)
+        self.assertEqual(self.successResultOf(self.store.revoke_instance(INSTANCE)), 3)
+        for each in issued:
+            self.assertIsNone(self.successResultOf(self.store.validate(each.token)))
+        self.assertIsNotNone(self.successResultOf(self.store.validate(kept.token)))
+
+    def test_clean_expired_in_bounded_batches(self: Any) -> None:
+        """Seven expired tokens go in batches of three (three DELETEs); live ones stay."""
+        for _ in range(7):
+            self.authorize(ttl=1)
+        live = [self.authorize(ttl=1000) for _ in range(2)]
+        self.clock.advance(2)
+        deletes: list[str] = []
+
+        def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if statement.lstrip().upper().startswith("DELETE"):
+                deletes.append(statement)
+
+        sa.event.listen(self.engine, "before_cursor_execute", count)
+        self.addCleanup(sa.event.remove, self.engine, "before_cursor_execute", count)
+        self.assertEqual(self.successResultOf(self.store.clean_expired(batch=3)), 7)
+        self.assertEqual(len(deletes), 3)
+        self.assertEqual({r["token_hash"] for r in self.rows()}, {hash_token(i.token) for i in live})
+
+
+class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
+    backend = "sqlite"
+
+    def test_wal_mode(self) -> None:
+        """The SQLite file runs in write-ahead-log mode."""
+        with self.engine.connect() as connection:
+            mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+        self.assertEqual(mode, "wal")
+
+
+class PostgreSQLStoreTests(StoreTestsMixin, SynchronousTestCase):
+    backend = "postgresql"
+
+
+class MariaDBStoreTests(StoreTestsMixin, SynchronousTestCase):
+    backend = "mariadb"
+
+
+class ThreadRunnerTests(TestCase):
+    """The daemon's runner: a real thread pool under the real reactor."""
+
+    def test_calls_run_off_the_reactor_thread(self) -> None:
+        """Work handed to the runner runs in a pool thread, and its result comes back."""
+        import threading
+
+        runner = ThreadRunner(reactor, 2)
+        runner.start()
+        self.addCleanup(runner.stop)
+        main = threading.get_ident()
+        d = runner.run(lambda: threading.get_ident() != main)
+        return d.addCallback(self.assertTrue)
+
+    @defer.inlineCallbacks
+    def test_stop_waits_for_calls_in_flight(self) -> Any:
+        """stop() fires only after a call already running has finished and delivered."""
+        import threading
+
+        runner = ThreadRunner(reactor, 1)
+        runner.start()
+        release = threading.Event()
+        results: list[str] = []
+        d = runner.run(lambda: release.wait(10) and "done")
+        d.addCallback(results.append)
+        stopped = runner.stop()
+        self.assertFalse(stopped.called)
+        reactor.callLater(0, release.set)
+        yield stopped
+        self.assertEqual(results, ["done"])
