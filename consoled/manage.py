@@ -20,7 +20,8 @@ import argparse
 import sys
 import time
 import uuid
-from typing import Any, NoReturn, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from twisted.internet import defer, task
 
@@ -73,12 +74,17 @@ def _ttl(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="consoled-manage", description="Manage consoled's database.")
     parser.add_argument(
-        "--config-file", action="append", default=[], metavar="FILE",
+        "--config-file",
+        action="append",
+        default=[],
+        metavar="FILE",
         help="INI file (nova.conf works as it is); repeatable, later files win",
     )
     area = parser.add_subparsers(dest="area", required=True, parser_class=_Parser)
 
-    db = area.add_parser("db", help="schema migrations").add_subparsers(dest="command", required=True)
+    db = area.add_parser("db", help="schema migrations").add_subparsers(
+        dest="command", required=True
+    )
     db.add_parser("upgrade", help="upgrade the schema to this version's head")
     db.add_parser("version", help="print the schema revision")
 
@@ -125,7 +131,9 @@ def _iso(seconds: float) -> str:
 
 
 @defer.inlineCallbacks
-def run(args: argparse.Namespace, settings: Settings, store: Store, embedded: bool, out: Any) -> Any:
+def run(
+    args: argparse.Namespace, settings: Settings, store: Store, embedded: bool, out: Any
+) -> Any:
     """Carry out one command against an open store."""
     if args.area == "db":
         if args.command == "upgrade":

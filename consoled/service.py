@@ -76,6 +76,21 @@ class StoreService(Service):
         return d
 
 
+class Announcer(Service):
+    """Logs, once the reactor runs (signal handlers in place), that consoled serves."""
+
+    name = "announcer"
+
+    def __init__(self, reactor: Any, message: str, **fields: Any) -> None:
+        self._reactor = reactor
+        self._message = message
+        self._fields = fields
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(log.info, self._message, **self._fields)
+
+
 def prepare_schema(store: Store, embedded: bool) -> None:
     """Bring the embedded SQLite default to head; refuse any other database behind it.
 
@@ -118,9 +133,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         store,
         settings.consoled.token_clean_batch,
     ).setServiceParent(top)
-    log.info(
+    Announcer(
+        reactor,
         "consoled ready: database {database}, proxy {proxy}",
         database=safe_url(store.engine.url),
         proxy=proxy_name(settings),
-    )
+    ).setServiceParent(top)
     return top

@@ -108,7 +108,9 @@ class SchemaTestsMixin:
             row = connection.exec_driver_sql(
                 "SELECT token_hash, tls_port FROM console_auth_tokens"
             ).one()
-            nova_version = connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+            nova_version = connection.exec_driver_sql(
+                "SELECT version_num FROM alembic_version"
+            ).scalar()
         self.assertEqual(tuple(row), ("abc", None))
         self.assertEqual(nova_version, "2903cd72dc14")
         self.assertEqual(schema.current_revision(self.engine), schema.head_revision())

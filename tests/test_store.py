@@ -104,7 +104,9 @@ class StoreTestsMixin:
         """lookup finds a token's row even after expiry, for `token show`."""
         issued = self.authorize(ttl=5)
         self.clock.advance(60)
-        self.assertEqual(self.successResultOf(self.store.lookup(issued.token)).id, issued.connect_info.id)
+        self.assertEqual(
+            self.successResultOf(self.store.lookup(issued.token)).id, issued.connect_info.id
+        )
 
     def test_list_filters(self: Any) -> None:
         """list_tokens filters by instance and by host, ordered by expiry."""
@@ -115,7 +117,9 @@ class StoreTestsMixin:
         self.assertEqual(len(every), 3)
         self.assertEqual(every[0].id, second.connect_info.id)
         by_instance = self.successResultOf(self.store.list_tokens(instance_uuid=INSTANCE))
-        self.assertEqual({i.id for i in by_instance}, {first.connect_info.id, second.connect_info.id})
+        self.assertEqual(
+            {i.id for i in by_instance}, {first.connect_info.id, second.connect_info.id}
+        )
         by_host = self.successResultOf(self.store.list_tokens(host="compute-2"))
         self.assertEqual([i.id for i in by_host], [second.connect_info.id])
 
@@ -144,7 +148,9 @@ class StoreTestsMixin:
         self.addCleanup(sa.event.remove, self.engine, "before_cursor_execute", count)
         self.assertEqual(self.successResultOf(self.store.clean_expired(batch=3)), 7)
         self.assertEqual(len(deletes), 3)
-        self.assertEqual({r["token_hash"] for r in self.rows()}, {hash_token(i.token) for i in live})
+        self.assertEqual(
+            {r["token_hash"] for r in self.rows()}, {hash_token(i.token) for i in live}
+        )
 
 
 class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):

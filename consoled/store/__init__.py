@@ -9,7 +9,8 @@ returning plain data.  Time comes from the injected clock, never from
 from __future__ import annotations
 
 import datetime
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from twisted.internet import defer
@@ -157,11 +158,15 @@ class Store:
             total = 0
             while True:
                 with self.engine.begin() as connection:
-                    ids = connection.execute(
-                        sa.select(tokens_table.c.id)
-                        .where(tokens_table.c.expires <= now)
-                        .limit(batch)
-                    ).scalars().all()
+                    ids = (
+                        connection.execute(
+                            sa.select(tokens_table.c.id)
+                            .where(tokens_table.c.expires <= now)
+                            .limit(batch)
+                        )
+                        .scalars()
+                        .all()
+                    )
                     if ids:
                         connection.execute(tokens_table.delete().where(tokens_table.c.id.in_(ids)))
                 total += len(ids)
@@ -186,7 +191,6 @@ def _first_connect_info(connection: sa.Connection, query: sa.Select[Any]) -> Con
 def _utc(seconds: float) -> datetime.datetime:
     """nova's created_at: naive UTC (oslo's timeutils.utcnow)."""
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).replace(tzinfo=None)
-
 
 
 def open_store(

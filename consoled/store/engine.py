@@ -13,7 +13,11 @@ DEFAULT_SQLITE_PATH = os.path.join("var", "consoled.sqlite")
 
 # nova.conf usually names the driver (mysql+pymysql://).  A bare scheme would
 # load a DBAPI consoled does not install, so pick the one it does.
-_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
+_DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+}
 
 
 def default_url(state_path: str | None = None) -> str:
@@ -66,9 +70,6 @@ def safe_url(url: str | sa.URL) -> str:
 
 def describe_error(error: BaseException, url: str | sa.URL) -> str:
     """One line for an operator about a database failure, without secrets."""
-    if isinstance(error, sa.exc.DBAPIError) and error.orig is not None:
-        detail = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else ""
-        kind = type(error.orig).__name__
-    else:
-        detail, kind = str(error).strip().splitlines()[0] if str(error).strip() else "", type(error).__name__
-    return f"cannot use the database {safe_url(url)}: {kind}: {detail}"
+    cause = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig else error
+    lines = str(cause).strip().splitlines()
+    return f"cannot use the database {safe_url(url)}: {type(cause).__name__}: {lines[0] if lines else ''}"

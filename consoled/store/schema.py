@@ -80,7 +80,9 @@ def check(engine: sa.Engine) -> None:
         raise SchemaBehind(current, head)
 
 
-def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
     """Let alembic see only consoled's tables in a database nova shares."""
     if type_ == "table":
         return name in OWN_TABLES

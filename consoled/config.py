@@ -1,0 +1,500 @@
+"""Typed, frozen settings read from INI files with nova's names and defaults.
+
+The file format is nova.conf's (oslo.config's INI dialect), so an existing
+nova.conf can be passed as it is, alone or followed by a consoled-only file:
+
+- ``[group]`` headers; ``option = value`` (or ``option: value``) lines; ``#``
+  and ``;`` start comment lines (there are no inline comments); an indented
+  line continues the previous value; one pair of matching quotes around a
+  value is removed, as oslo.config does.
+- ``[DEFAULT]`` is a group like any other: its keys are never seen by other
+  groups. Other group names are case-insensitive; ``-`` in group and option
+  names reads as ``_``.
+- Files are read in order and a later file wins, option by option.
+- Groups and options consoled does not know are ignored (with a debug log
+  line naming them, never their value: values can be secrets).
+- Lists are comma-separated; booleans are true/false, yes/no, on/off, 1/0.
+  An empty value means "unset" for options whose default is ``None``.
+
+Every option, its type, default and meaning: docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from twisted.logger import Logger
+
+from consoled.tokens import CONSOLE_TYPES
+
+_log = Logger()
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A configuration file cannot be read, or one of its values is wrong."""
+
+    def __init__(
+        self, path: str | None, group: str | None, option: str | None, message: str
+    ) -> None:
+        super().__init__(path, group, option, message)
+        self.path, self.group, self.option = path, group, option
+        self.message = message
+
+    def __str__(self) -> str:
+        where = "" if self.group is None else f"[{self.group}] "
+        where += "" if self.option is None else f"{self.option}: "
+        if self.path is not None:
+            where = f"{self.path}: {where}"
+        return where + self.message
+
+
+# --- value parsers: text in, typed value out, ValueError("expected ...") ----
+
+Parse = Callable[[str], Any]
+
+
+def _shown(text: str) -> str:
+    # A wrong value goes into an error message; keep that message one short line.
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+_INVALID = object()
+
+
+def _checked(wanted: str, convert: Callable[[str], Any], ok: Callable[[Any], bool]) -> Parse:
+    """A parser: convert the text, then check the value, else 'expected ...'."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except (ValueError, KeyError):
+            value = _INVALID
+        if value is _INVALID or not ok(value):
+            raise ValueError(f"expected {wanted}, got {_shown(text)}")
+        return value
+
+    return parse
+
+
+def _always(value: Any) -> bool:
+    return True
+
+
+def _integer(low: int | None = None, high: int | None = None) -> Parse:
+    if low is not None and high is not None:
+        wanted = f"an integer from {low} to {high}"
+    else:
+        wanted = "an integer" if low is None else f"an integer of at least {low}"
+    return _checked(
+        wanted,
+        int,
+        lambda value: (low is None or value >= low) and (high is None or value <= high),
+    )
+
+
+_port = _integer(1, 65535)
+
+
+def _seconds(*, zero_ok: bool = False) -> Parse:
+    wanted = "a number of seconds" + (", 0 or more" if zero_ok else " above 0")
+    return _checked(
+        wanted,
+        float,
+        lambda value: math.isfinite(value) and (value > 0 or zero_ok and value == 0),
+    )
+
+
+_BOOLEANS = {
+    "true": True, "yes": True, "on": True, "1": True,
+    "false": False, "no": False, "off": False, "0": False,
+}  # fmt: skip
+_boolean = _checked(
+    "true/false, yes/no, on/off or 1/0",
+    lambda text: _BOOLEANS[text.lower()],
+    _always,
+)
+
+
+def _choice(*allowed: str) -> Parse:
+    return _checked(f"one of {', '.join(allowed)}", str, lambda v: v in allowed)
+
+
+_port_range = _checked(
+    "'low:high' with 1 <= low < high <= 65535",
+    lambda text: tuple(int(part) for part in text.split(":")),
+    lambda pair: len(pair) == 2 and 1 <= pair[0] < pair[1] <= 65535,
+)
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.replace("\n", ",").split(",") if item.strip()]
+
+
+def _each(parse_item: Parse, *, at_least_one: bool = False) -> Parse:
+    """A parser for a comma-separated list (nova's ListOpt) of one item type."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        items = tuple(parse_item(item) for item in _items(text))
+        if at_least_one and not items:
+            raise ValueError("expected at least one value")
+        return items
+
+    return parse
+
+
+_ttl_pair = _checked(
+    f"'type:seconds', seconds >= 1, type one of {', '.join(CONSOLE_TYPES)}",
+    lambda text: (text.rpartition(":")[0].strip(), int(text.rpartition(":")[2])),
+    lambda pair: pair[0] in CONSOLE_TYPES and pair[1] >= 1,
+)
+
+
+def _ttl_by_type(text: str) -> tuple[tuple[str, int], ...]:
+    pairs = _each(_ttl_pair)(text)
+    kinds = [kind for kind, _ in pairs]
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"expected each console type once, got {_shown(text)}")
+    return pairs
+
+
+_networks = _each(
+    _checked(
+        "IP addresses or networks (a.b.c.d/nn)",
+        lambda text: ipaddress.ip_network(text, strict=False),
+        _always,
+    )
+)
+
+
+def _opt(default: Any, parse: Parse) -> Any:
+    """One option: its default and the parser for its text in a file."""
+    return field(default=default, metadata={"parse": parse})
+
+
+# --- the option table: one frozen dataclass per group ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    """[database]: None for connection means the embedded SQLite default."""
+
+    connection: str | None = _opt(None, str)
+    max_pool_size: int | None = _opt(None, _integer(0))
+    connection_recycle_time: int = _opt(3600, _integer())
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleAuthSettings:
+    """[consoleauth]"""
+
+    token_ttl: int = _opt(600, _integer(1))
+    enforce_session_timeout: bool = _opt(False, _boolean)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    """[console]"""
+
+    allowed_origins: tuple[str, ...] = _opt((), _each(str))
+    ssl_ciphers: str | None = _opt(None, str)
+    ssl_minimum_version: str = _opt("default", _choice("default", "tlsv1_1", "tlsv1_2", "tlsv1_3"))
+
+
+@dataclass(frozen=True, slots=True)
+class VncSettings:
+    """[vnc], with nova's removed xvpvncproxy_* names kept as fallbacks."""
+
+    enabled: bool = _opt(True, _boolean)
+    novncproxy_host: str = _opt("0.0.0.0", str)
+    novncproxy_port: int = _opt(6080, _port)
+    novncproxy_base_url: str = _opt("http://127.0.0.1:6080/vnc_auto.html", str)
+    auth_schemes: tuple[str, ...] = _opt(
+        ("none",), _each(_choice("none", "vencrypt"), at_least_one=True)
+    )
+    vencrypt_client_key: str | None = _opt(None, str)
+    vencrypt_client_cert: str | None = _opt(None, str)
+    vencrypt_ca_certs: str | None = _opt(None, str)
+    xvpvncproxy_host: str | None = _opt(None, str)
+    xvpvncproxy_port: int | None = _opt(None, _port)
+    xvpvncproxy_base_url: str | None = _opt(None, str)
+
+
+@dataclass(frozen=True, slots=True)
+class SerialConsoleSettings:
+    """[serial_console]: port_range is read from 'low:high'."""
+
+    enabled: bool = _opt(False, _boolean)
+    serialproxy_host: str = _opt("0.0.0.0", str)
+    serialproxy_port: int = _opt(6083, _port)
+    base_url: str = _opt("ws://127.0.0.1:6083/", str)
+    port_range: tuple[int, int] = _opt((10000, 20000), _port_range)
+
+
+@dataclass(frozen=True, slots=True)
+class SpiceSettings:
+    """[spice]"""
+
+    enabled: bool = _opt(False, _boolean)
+    html5proxy_host: str = _opt("0.0.0.0", str)
+    html5proxy_port: int = _opt(6082, _port)
+    html5proxy_base_url: str = _opt("http://127.0.0.1:6082/spice_auto.html", str)
+
+
+@dataclass(frozen=True, slots=True)
+class MksSettings:
+    """[mks]"""
+
+    enabled: bool = _opt(False, _boolean)
+    mksproxy_base_url: str = _opt("http://127.0.0.1:6090/", str)
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultSettings:
+    """[DEFAULT]: the websockify-era TLS and web options nova keeps here."""
+
+    ssl_only: bool = _opt(False, _boolean)
+    cert: str = _opt("self.pem", str)
+    key: str | None = _opt(None, str)
+    web: str = _opt("/usr/share/novnc", str)
+    record: str | None = _opt(None, str)
+    source_is_ipv6: bool = _opt(False, _boolean)
+    debug: bool = _opt(False, _boolean)
+    state_path: str | None = _opt(None, str)
+
+    def __post_init__(self) -> None:
+        # Only that a certificate is named: whether it exists is the TLS layer's job.
+        if self.ssl_only and not self.cert:
+            wanted = "a certificate file because ssl_only is true"
+            raise ConfigError(None, "DEFAULT", "cert", f"expected {wanted}, got ''")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkaroundsSettings:
+    """[workarounds]"""
+
+    enable_consoleauth: bool = _opt(False, _boolean)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoledSettings:
+    """[consoled]: consoled's own options; nova has none of these.
+
+    novnc_enabled, spice_enabled and serial_enabled are None unless set:
+    None follows nova's own [vnc]/[spice]/[serial_console] enabled flag (see
+    the Settings.*_door_enabled properties).
+    """
+
+    proxy_name: str | None = _opt(None, str)
+    db_threads: int = _opt(4, _integer(1, 64))
+    token_clean_interval: float = _opt(300.0, _seconds())
+    token_clean_batch: int = _opt(500, _integer(1))
+    token_ttl_by_type: tuple[tuple[str, int], ...] = _opt((), _ttl_by_type)
+    novnc_enabled: bool | None = _opt(None, _boolean)
+    spice_enabled: bool | None = _opt(None, _boolean)
+    serial_enabled: bool | None = _opt(None, _boolean)
+    spice_web: str = _opt("/usr/share/spice-html5", str)
+    serial_web: str | None = _opt(None, str)
+    xterm_dir: str = _opt("node_modules/@xterm/xterm", str)
+    trusted_proxies: tuple[IPNetwork, ...] = _opt((), _networks)
+    connect_timeout: float = _opt(10.0, _seconds())
+    ping_interval: float = _opt(25.0, _seconds(zero_ok=True))
+    idle_timeout: float = _opt(0.0, _seconds(zero_ok=True))
+    handshake_timeout: float = _opt(30.0, _seconds())
+    xvp_enabled: bool = _opt(True, _boolean)
+    xvp_host: str = _opt("0.0.0.0", str)
+    xvp_port: int = _opt(6081, _port)
+    xvp_base_url: str = _opt("http://127.0.0.1:6081/console", str)
+    xvp_request_timeout: float = _opt(15.0, _seconds())
+    serial_tcp_enabled: bool = _opt(False, _boolean)
+    serial_tcp_host: str = _opt("0.0.0.0", str)
+    serial_tcp_port: int = _opt(6084, _port)
+    serial_prompt_timeout: float = _opt(60.0, _seconds())
+    serial_spectators: bool = _opt(False, _boolean)
+    touch_interval: float = _opt(10.0, _seconds())
+    lease_seconds: float = _opt(30.0, _seconds())
+    record_dir: str | None = _opt(None, str)
+    record_max_bytes: int = _opt(10_000_000, _integer(1))
+    record_max_files: int = _opt(5, _integer(1))
+    workers: int = _opt(1, _integer(1, 64))
+
+    def __post_init__(self) -> None:
+        # A lease renewed no more often than it lasts would lapse between touches.
+        if self.lease_seconds <= self.touch_interval:
+            wanted = f"more than touch_interval ({self.touch_interval:g})"
+            got = f"{self.lease_seconds:g}"
+            raise ConfigError(None, "consoled", "lease_seconds", f"expected {wanted}, got {got}")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every group's settings; Settings() is nova's (and consoled's) defaults."""
+
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    consoleauth: ConsoleAuthSettings = field(default_factory=ConsoleAuthSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    vnc: VncSettings = field(default_factory=VncSettings)
+    serial_console: SerialConsoleSettings = field(default_factory=SerialConsoleSettings)
+    spice: SpiceSettings = field(default_factory=SpiceSettings)
+    mks: MksSettings = field(default_factory=MksSettings)
+    default: DefaultSettings = field(default_factory=DefaultSettings)
+    workarounds: WorkaroundsSettings = field(default_factory=WorkaroundsSettings)
+    consoled: ConsoledSettings = field(default_factory=ConsoledSettings)
+
+    def access_url_base(self, console_type: str) -> str:
+        """The URL a token for console_type is appended to for the user."""
+        bases = {
+            "novnc": self.vnc.novncproxy_base_url,
+            "spice-html5": self.spice.html5proxy_base_url,
+            "serial": self.serial_console.base_url,
+            "webmks": self.mks.mksproxy_base_url,
+            "xvpvnc": self.consoled.xvp_base_url,
+        }
+        try:
+            return bases[console_type]
+        except KeyError:
+            raise ValueError(f"unknown console type {console_type!r}") from None
+
+    def token_ttl(self, console_type: str) -> int:
+        """Seconds a new token of console_type lives."""
+        if console_type not in CONSOLE_TYPES:
+            raise ValueError(f"unknown console type {console_type!r}")
+        return dict(self.consoled.token_ttl_by_type).get(console_type, self.consoleauth.token_ttl)
+
+    @property
+    def novnc_door_enabled(self) -> bool:
+        """[consoled] novnc_enabled if set, else [vnc] enabled."""
+        return _either(self.consoled.novnc_enabled, self.vnc.enabled)
+
+    @property
+    def spice_door_enabled(self) -> bool:
+        """[consoled] spice_enabled if set, else [spice] enabled."""
+        return _either(self.consoled.spice_enabled, self.spice.enabled)
+
+    @property
+    def serial_door_enabled(self) -> bool:
+        """[consoled] serial_enabled if set, else [serial_console] enabled."""
+        return _either(self.consoled.serial_enabled, self.serial_console.enabled)
+
+
+def _either(explicit: bool | None, nova: bool) -> bool:
+    return nova if explicit is None else explicit
+
+
+# Group name in a file -> (attribute of Settings, that group's dataclass).
+_GROUPS: dict[str, tuple[str, Any]] = {
+    ("DEFAULT" if f.name == "default" else f.name): (f.name, f.default_factory)
+    for f in fields(Settings)
+}
+_OPTIONS = {group: {f.name for f in fields(cls)} for group, (_, cls) in _GROUPS.items()}
+
+# [consoled] option -> the removed nova [vnc] option it falls back to.
+_XVP_FALLBACKS = {
+    "xvp_host": "xvpvncproxy_host",
+    "xvp_port": "xvpvncproxy_port",
+    "xvp_base_url": "xvpvncproxy_base_url",
+}
+
+
+# --- reading -----------------------------------------------------------------
+
+# (group, option) -> (text, path of the file that set it last)
+_Raw = dict[tuple[str, str], tuple[str, str]]
+
+
+def load_settings(paths: Sequence[str], log: Logger | None = None) -> Settings:
+    """Read the INI files at paths in order (a later file wins per option)."""
+    log = _log if log is None else log
+    raw: _Raw = {}
+    for path in paths:
+        for group, option, text in _read(path):
+            known = _OPTIONS.get(group)
+            if known is not None and option in known:
+                raw[(group, option)] = (text, path)
+            else:
+                what = "group" if known is None else "option"
+                log.debug(
+                    "{path}: ignoring [{group}] {option}: unknown {what}",
+                    path=path, group=group, option=option, what=what,
+                )  # fmt: skip
+    groups = {attr: _build(group, cls, raw) for group, (attr, cls) in _GROUPS.items()}
+    fallbacks = {
+        mine: getattr(groups["vnc"], nova)
+        for mine, nova in _XVP_FALLBACKS.items()
+        if ("consoled", mine) not in raw and getattr(groups["vnc"], nova) is not None
+    }
+    if fallbacks:
+        groups["consoled"] = replace(groups["consoled"], **fallbacks)
+    return Settings(**groups)
+
+
+def _build(group: str, cls: type, raw: _Raw) -> Any:
+    """One group's dataclass from the texts given for it, or ConfigError."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in fields(cls):
+        if (group, f.name) not in raw:
+            continue
+        text, path = raw[(group, f.name)]
+        sources[f.name] = path
+        if text == "" and f.default is None:
+            values[f.name] = None
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](text)
+        except ValueError as e:
+            raise ConfigError(path, group, f.name, str(e)) from None
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        # A rule across options: name the file that set the option the error
+        # names, else the last file that set anything in this group.
+        last = list(sources.values())[-1] if sources else None
+        path = sources.get(e.option or "", last)
+        raise ConfigError(path, e.group, e.option, e.message) from None
+
+
+def _read(path: str) -> list[tuple[str, str, str]]:
+    """(group, option, text) for every option in one file, in file order."""
+    # No default section: nova's [DEFAULT] must not leak into other groups.
+    parser = configparser.RawConfigParser(
+        interpolation=None, strict=False, default_section="__nodefault__"
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=path)
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, None, "not UTF-8 text") from None
+    except configparser.Error as e:
+        # configparser's own message quotes the bad line, which may hold a secret.
+        raise ConfigError(path, None, None, _syntax_error(e)) from None
+    found = []
+    for section in parser.sections():
+        group = section if section == "DEFAULT" else section.lower().replace("-", "_")
+        for option, text in parser.items(section):
+            found.append((group, option.replace("-", "_"), _unquote(text or "")))
+    return found
+
+
+def _syntax_error(e: configparser.Error) -> str:
+    if isinstance(e, configparser.MissingSectionHeaderError):
+        return f"INI syntax error at line {e.lineno}: an option before any [group]"
+    if isinstance(e, configparser.ParsingError) and e.errors:
+        return f"INI syntax error at line {e.errors[0][0]}: expected 'option = value'"
+    return f"INI syntax error ({type(e).__name__})"
+
+
+def _unquote(text: str) -> str:
+    # oslo.config drops one pair of matching quotes around a value.
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
