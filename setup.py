@@ -44,6 +44,8 @@ setup(
             "PyMySQL>=1.1",
             "hypothesis>=6.100",
             "ruff",
+            "playwright",  # drives Debian's /usr/bin/chromium; no browser download
+            "websockify",  # nova's proxy engine: a reference peer for tests and benchmarks
             "wheel",  # tests build the wheel to prove the migrations travel in it
         ],
     },
