@@ -17,7 +17,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from consoled.authorizer import Authorizer
 from consoled.config import ConfigError, Settings, load_settings
+from consoled.doors import websocket_doors
+from consoled.sessions import Sessions
 from consoled.store import Store, open_store, schema
 from consoled.store.engine import describe_error, safe_url
 from consoled.timers import clean_expired_tokens, duty
@@ -123,9 +126,23 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         recycle=settings.database.connection_recycle_time,
     )
     prepare_schema(store, embedded)
+    return compose(settings, store, reactor)
 
+
+def compose(settings: Settings, store: Store, reactor: Any) -> SequentialMultiService:
+    """Every service of one consoled, in start order (they stop the other way round)."""
     top = SequentialMultiService()
     StoreService(store).setServiceParent(top)
+    sessions = Sessions(
+        store,
+        reactor,
+        proxy_name(settings),
+        connect_timeout=settings.consoled.connect_timeout,
+        idle_timeout=settings.consoled.idle_timeout,
+        enforce_session_timeout=settings.consoleauth.enforce_session_timeout,
+    )
+    sessions.setServiceParent(top)
+    duty("session-toucher", settings.consoled.touch_interval, sessions.touch).setServiceParent(top)
     duty(
         "token-cleaner",
         settings.consoled.token_clean_interval,
@@ -133,6 +150,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         store,
         settings.consoled.token_clean_batch,
     ).setServiceParent(top)
+    for door in websocket_doors(settings, Authorizer(store), sessions, reactor):
+        door.setServiceParent(top)
     Announcer(
         reactor,
         "consoled ready: database {database}, proxy {proxy}",

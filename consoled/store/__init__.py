@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from consoled.store import schema
 from consoled.store.runner import Runner
 from consoled.store.tables import console_auth_tokens as tokens_table
+from consoled.store.tables import sessions as sessions_table
 from consoled.tokens import ConnectInfo, IssuedToken, hash_token, new_token
 
 T = TypeVar("T")
@@ -68,6 +69,16 @@ class Store:
                 return f(connection, *args)
 
         return self._runner.run(unit)
+
+    def _execute(
+        self, statement: Any, rows: list[dict[str, Any]] | None = None
+    ) -> defer.Deferred[None]:
+        """Run one statement (executemany when ``rows`` are given) in a transaction."""
+
+        def execute(connection: sa.Connection) -> None:
+            connection.execute(statement, rows) if rows else connection.execute(statement)
+
+        return self._run(execute)
 
     def _now(self) -> float:
         return self.clock.seconds()
@@ -174,6 +185,86 @@ class Store:
                     return total
 
         return self._runner.run(clean)
+
+    # -- sessions -----------------------------------------------------------
+
+    def open_session(
+        self,
+        *,
+        info: ConnectInfo,
+        door: str,
+        client_address: str,
+        proxy: str,
+        mode: str = "writer",
+    ) -> defer.Deferred[int]:
+        """Record a session that is starting; its row id names it from then on."""
+        now = self._now()
+        values = {
+            "instance_uuid": info.instance_uuid,
+            "console_type": info.console_type,
+            "host": info.host,
+            "port": info.port,
+            "token_hash_prefix": info.hash_prefix,
+            "door": door,
+            "client_address": client_address[:255],
+            "mode": mode,
+            "proxy": proxy,
+            "started_at": now,
+            "touched_at": now,
+        }
+
+        def insert(connection: sa.Connection) -> int:
+            result = connection.execute(sessions_table.insert().values(**values))
+            return int(result.inserted_primary_key[0])
+
+        return self._run(insert)
+
+    def end_session(
+        self, session_id: int, *, reason: str, bytes_to_client: int, bytes_to_server: int
+    ) -> defer.Deferred[None]:
+        """Close a session's row: when, why, and how many bytes went each way."""
+        now = self._now()
+        statement = (
+            sessions_table.update()
+            .where(sessions_table.c.id == session_id, sessions_table.c.ended_at.is_(None))
+            .values(
+                ended_at=now,
+                touched_at=now,
+                end_reason=reason[:255],
+                bytes_to_client=bytes_to_client,
+                bytes_to_server=bytes_to_server,
+            )
+        )
+        return self._execute(statement)
+
+    def touch_sessions(self, counters: list[tuple[int, int, int]]) -> defer.Deferred[None]:
+        """Renew live sessions' rows in one batched statement: (id, to client, to server)."""
+        if not counters:
+            return defer.succeed(None)
+        now = self._now()
+        statement = (
+            sessions_table.update()
+            .where(sessions_table.c.id == sa.bindparam("session_id"))
+            .values(
+                touched_at=now,
+                bytes_to_client=sa.bindparam("to_client"),
+                bytes_to_server=sa.bindparam("to_server"),
+            )
+        )
+        rows = [
+            {"session_id": i, "to_client": to_client, "to_server": to_server}
+            for i, to_client, to_server in counters
+        ]
+        return self._execute(statement, rows)
+
+    def get_session(self, session_id: int) -> defer.Deferred[dict[str, Any] | None]:
+        query = sa.select(sessions_table).where(sessions_table.c.id == session_id)
+
+        def select(connection: sa.Connection) -> dict[str, Any] | None:
+            row = connection.execute(query).first()
+            return None if row is None else dict(row._mapping)
+
+        return self._run(select)
 
 
 def _select_valid(connection: sa.Connection, token_hash: str, now: int) -> ConnectInfo | None:

@@ -1,0 +1,123 @@
+"""Listeners: one service per door, each from an endpoint string.
+
+A door that cannot bind its port stops start-up with the error, so an
+operator never runs a consoled that silently lacks a door.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from consoled.authorizer import Authorizer
+from consoled.config import Settings
+from consoled.frontends.web import door_site
+from consoled.frontends.websocket import ConsoleServerFactory, Door
+from consoled.sessions import Sessions
+
+log = Logger()
+
+#: consoled's own pages (serial.html), shipped in the package.
+PACKAGED_WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+
+
+def endpoint_string(host: str, port: int) -> str:
+    return f"tcp:port={port}:interface={host.replace(':', chr(92) + ':')}"
+
+
+class DoorService(Service):
+    """Listens on one endpoint while running; ``port`` is the bound port."""
+
+    def __init__(
+        self, name: str, description: str, endpoint: Any, factory: IProtocolFactory
+    ) -> None:
+        self.setName(name)
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.endpoint.listen(self.factory)
+        failures: list[Failure] = []
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        address = port.getHost()
+        log.info(
+            "{door} door listening on {host}:{port}",
+            door=self.name,
+            host=address.host,
+            port=address.port,
+        )
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+def websocket_doors(
+    settings: Settings, authorizer: Authorizer, sessions: Sessions, reactor: Any
+) -> list[DoorService]:
+    """The noVNC, spice-html5 and serial doors that the settings enable."""
+    c = settings.consoled
+    plan = []
+    if settings.novnc_door_enabled:
+        plan.append(
+            (
+                "novnc",
+                settings.vnc.novncproxy_host,
+                settings.vnc.novncproxy_port,
+                settings.default.web,
+                {},
+            )
+        )
+    if settings.spice_door_enabled:
+        plan.append(
+            (
+                "spice",
+                settings.spice.html5proxy_host,
+                settings.spice.html5proxy_port,
+                c.spice_web,
+                {},
+            )
+        )
+    if settings.serial_door_enabled:
+        plan.append(
+            (
+                "serial",
+                settings.serial_console.serialproxy_host,
+                settings.serial_console.serialproxy_port,
+                c.serial_web or PACKAGED_WEB,
+                {b"xterm": c.xterm_dir},
+            )
+        )
+    doors = []
+    for name, host, port, web_dir, extra in plan:
+        door = Door(
+            name,
+            authorizer,
+            sessions,
+            allowed_origins=settings.console.allowed_origins,
+            trusted_proxies=c.trusted_proxies,
+        )
+        factory = ConsoleServerFactory(
+            door, ping_interval=c.ping_interval, handshake_timeout=c.handshake_timeout
+        )
+        site = door_site(factory, web_dir, extra=extra, timeout=c.handshake_timeout)
+        endpoint = serverFromString(reactor, endpoint_string(host, port))
+        doors.append(DoorService(name, f"websocket {name}", endpoint, site))
+    return doors

@@ -1,0 +1,219 @@
+"""The websocket door: noVNC, spice-html5 and the serial page, through Autobahn.
+
+Wire summary (docs/websocket.md has the whole table):
+
+- Upgrades are answered on any path; the token is the ``token`` query
+  parameter, else the ``token`` cookie.
+- Refused before the 101 answer with a plain-text body: 400 bad handshake,
+  401 no/unknown/expired token, 403 Origin not allowed or a token for another
+  door's console type, 503 token store unavailable.
+- The ``binary`` subprotocol is chosen when offered; none is fine too.
+- After the upgrade a session ends with a close code: 1000 console closed,
+  1001 proxy shutting down, 1011 internal error, 4401 token expired,
+  4408 idle timeout, 4409 disconnected by an operator, 4502 console
+  unreachable, 4503 token store unavailable, 4504 console did not answer in
+  time, 4506 console refused the connection.
+
+Autobahn swallows exceptions raised in its callbacks, so every callback here
+catches, logs and answers itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from consoled.authorizer import Authorizer, log_refusal
+from consoled.endings import Ending, Kind, Refusal
+from consoled.policy import Network, check_console_type, check_origin, is_trusted, token_from
+from consoled.relay import Relay
+from consoled.sessions import Sessions
+from consoled.tokens import ConnectInfo
+
+log = Logger()
+
+HTTP_STATUS = {
+    Kind.NO_TOKEN: 401,
+    Kind.INVALID_TOKEN: 401,
+    Kind.WRONG_CONSOLE_TYPE: 403,
+    Kind.ORIGIN_REFUSED: 403,
+    Kind.BAD_REQUEST: 400,
+    Kind.PORT_BUSY: 409,
+    Kind.STORE_UNAVAILABLE: 503,
+}
+
+CLOSE_CODES = {
+    Kind.BACKEND_CLOSED: 1000,
+    Kind.SHUTDOWN: 1001,
+    Kind.INTERNAL: 1011,
+    Kind.TOKEN_EXPIRED: 4401,
+    Kind.IDLE: 4408,
+    Kind.KICKED: 4409,
+    Kind.BACKEND_UNREACHABLE: 4502,
+    Kind.STORE_UNAVAILABLE: 4503,
+    Kind.BACKEND_TIMEOUT: 4504,
+    Kind.BACKEND_REFUSED: 4506,
+}
+
+_TOKENISH = re.compile(r"(token(?:=|%3D))[^&\s\"']*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Remove token values from text that quotes a request (Autobahn's own reasons)."""
+    return _TOKENISH.sub(r"\1<redacted>", text)
+
+
+@dataclass(frozen=True)
+class Door:
+    """What one websocket listener knows: its name and the shared core."""
+
+    name: str
+    authorizer: Authorizer
+    sessions: Sessions
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
+
+
+class ConsoleServerProtocol(WebSocketServerProtocol):
+    """One user's websocket; a thin adapter between Autobahn and the relay."""
+
+    factory: ConsoleServerFactory
+    relay: Relay | None = None
+    info: ConnectInfo | None = None
+    client_address = "?"
+
+    # -- the opening handshake ---------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> defer.Deferred[str | None]:
+        door = self.factory.door
+        peer = self.transport.getPeer()
+        peer_host = getattr(peer, "host", "?")
+        self.client_address = _client_address(request, peer_host, door.trusted_proxies)
+        headers = request.headers
+        token = token_from(request.params, headers.get("cookie"))
+
+        def admit(info: ConnectInfo) -> str | None:
+            check_console_type(info, door.name)
+            check_origin(
+                info,
+                origin=headers.get("origin"),
+                host_header=headers.get("host"),
+                forwarded_proto=headers.get("x-forwarded-proto"),
+                peer=peer_host,
+                allowed_origins=door.allowed_origins,
+                trusted_proxies=door.trusted_proxies,
+            )
+            self.info = info
+            return "binary" if "binary" in request.protocols else None
+
+        def refuse(failure: Failure) -> None:
+            if failure.check(Refusal):
+                refusal = failure.value
+            else:
+                log.failure("websocket admission failed", failure)
+                refusal = Refusal(Kind.STORE_UNAVAILABLE)
+            log_refusal(door.name, self.client_address, refusal)
+            status = HTTP_STATUS.get(refusal.ending.kind, 400)
+            raise ConnectionDeny(status, str(refusal.ending))
+
+        return door.authorizer.validate(token).addCallback(admit).addErrback(refuse)
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """Answer a refused upgrade with a status line and a short plain-text body."""
+        if code not in HTTP_STATUS.values():
+            # Autobahn's own validation: its reason may quote the request line.
+            reason = redact(reason)
+            log.info(
+                "refused {door} websocket handshake from {client}: {reason}",
+                door=self.factory.door.name,
+                client=self.client_address,
+                reason=reason,
+            )
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "Error"
+        body = (reason.replace("\r", " ").replace("\n", " ")[:200] + "\n").encode("utf-8")
+        head = (
+            f"HTTP/1.1 {code} {phrase}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        self.wasNotCleanReason = reason
+        self.sendData(head.encode("ascii") + body)
+        self.dropConnection(abort=False)
+
+    # -- the session -------------------------------------------------------
+
+    def onOpen(self) -> None:
+        try:
+            assert self.info is not None
+            self.relay = self.factory.door.sessions.start(
+                self.info, f"websocket/{self.factory.door.name}", self.client_address, self
+            )
+        except Exception:
+            log.failure("could not start a session")
+            self.sendClose(1011, "internal error")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.relay is not None:
+            self.relay.from_client(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.relay is not None:
+            self.relay.client_lost(f"close code {code}" if code else "connection lost")
+
+    # -- ClientSide, for the relay ------------------------------------------
+
+    @property
+    def consumer(self) -> Any:
+        return self.transport
+
+    @property
+    def producer(self) -> Any:
+        return self.transport
+
+    def send(self, data: bytes) -> None:
+        self.sendMessage(data, isBinary=True)
+
+    def close(self, ending: Ending) -> None:
+        code = CLOSE_CODES.get(ending.kind, 1011)
+        reason = str(ending).encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+        # sendClose() only takes 1000 and 3000-4999; 1001 and 1011 are ours to send too.
+        self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)
+
+
+class ConsoleServerFactory(WebSocketServerFactory):
+    protocol = ConsoleServerProtocol
+
+    def __init__(self, door: Door, *, ping_interval: float, handshake_timeout: float) -> None:
+        super().__init__()
+        self.door = door
+        self.setProtocolOptions(
+            openHandshakeTimeout=handshake_timeout,
+            closeHandshakeTimeout=5,
+            autoPingInterval=ping_interval or None,
+            autoPingTimeout=max(ping_interval, 10) if ping_interval else None,
+            # Consoles speak their own framing; one message may carry a whole
+            # framebuffer update.  Autobahn must not refuse them.
+            maxMessagePayloadSize=0,
+            maxFramePayloadSize=0,
+        )
+        self.server = "consoled"
+
+
+def _client_address(request: ConnectionRequest, peer: str, trusted: tuple[Network, ...]) -> str:
+    """The user's address: X-Forwarded-For's last hop only from a trusted proxy."""
+    forwarded = request.headers.get("x-forwarded-for")
+    if forwarded and is_trusted(peer, trusted):
+        return forwarded.split(",")[-1].strip() or peer
+    return peer

@@ -1,0 +1,139 @@
+"""The relay: bytes both ways between a user's door and a hypervisor's socket.
+
+Flow control is Twisted's producer/consumer pairing, as in
+``twisted.protocols.portforward``: the hypervisor connection is registered as
+the producer for the user's transport, and the user's transport as the
+producer for the hypervisor connection, so a slow reader on either side
+pauses reading on the other and no buffer grows without bound.
+
+Two clocks live here because they watch the bytes: the idle timeout (traffic
+either way resets it) and the session deadline (``[consoleauth]
+enforce_session_timeout``: the token's expiry).  Neither re-arms a timer per
+chunk: the idle timer wakes once per period and compares timestamps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+
+from consoled.endings import Ending, Kind
+
+
+class ClientSide(Protocol):
+    """What a door hands the relay: the user's end of the session."""
+
+    #: the transport that carries bytes to the user (backend reads pause on it)
+    consumer: IConsumer
+    #: what pauses reading from the user when the hypervisor is slow
+    producer: IPushProducer
+
+    def send(self, data: bytes) -> None: ...
+
+    def close(self, ending: Ending) -> None: ...
+
+
+class BackendSide(Protocol):
+    transport: Any
+
+    def attach(self, relay: Relay) -> None: ...
+
+
+class Relay:
+    """One live session's pipe; ends once, whichever side goes first."""
+
+    def __init__(
+        self,
+        client: ClientSide,
+        clock: IReactorTime,
+        on_end: Callable[[Ending], None],
+        *,
+        idle_timeout: float = 0,
+        deadline: float | None = None,
+    ) -> None:
+        self.client = client
+        self.backend: BackendSide | None = None
+        self.bytes_to_client = 0
+        self.bytes_to_server = 0
+        self.ending: Ending | None = None
+        self._clock = clock
+        self._on_end = on_end
+        self._pending: list[bytes] = []
+        self._idle_timeout = idle_timeout
+        self._last_traffic = clock.seconds()
+        self._timers: list[IDelayedCall] = []
+        if idle_timeout > 0:
+            self._timers.append(clock.callLater(idle_timeout, self._check_idle))
+        if deadline is not None:
+            delay = max(0.0, deadline - clock.seconds())
+            self._timers.append(
+                clock.callLater(delay, self.end, Ending(Kind.TOKEN_EXPIRED, "session timeout"))
+            )
+
+    # -- wiring -------------------------------------------------------------
+
+    def attach_backend(self, backend: BackendSide) -> None:
+        """Start relaying: pair producers and deliver what the user sent early."""
+        if self.ending is not None:
+            backend.transport.loseConnection()
+            return
+        self.backend = backend
+        backend.attach(self)
+        self.client.consumer.registerProducer(backend.transport, True)
+        backend.transport.registerProducer(self.client.producer, True)
+        pending, self._pending = self._pending, []
+        if pending:
+            backend.transport.writeSequence(pending)
+            self.client.producer.resumeProducing()
+
+    # -- data ---------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        self.bytes_to_server += len(data)
+        self._last_traffic = self._clock.seconds()
+        if self.backend is None:
+            # Not connected yet: hold this chunk and stop reading until we are.
+            self._pending.append(data)
+            self.client.producer.pauseProducing()
+            return
+        self.backend.transport.write(data)
+
+    def from_backend(self, data: bytes) -> None:
+        self.bytes_to_client += len(data)
+        self._last_traffic = self._clock.seconds()
+        self.client.send(data)
+
+    # -- endings ------------------------------------------------------------
+
+    def client_lost(self, detail: str = "") -> None:
+        self.end(Ending(Kind.CLIENT_CLOSED, detail))
+
+    def backend_lost(self, detail: str = "") -> None:
+        self.end(Ending(Kind.BACKEND_CLOSED, detail))
+
+    def end(self, ending: Ending) -> None:
+        """Close both sides once and report the ending (the session row closes on it)."""
+        if self.ending is not None:
+            return
+        self.ending = ending
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self._pending = []
+        if self.backend is not None:
+            transport = self.backend.transport
+            if ending.kind is not Kind.BACKEND_CLOSED:
+                transport.loseConnection()
+        if ending.kind is not Kind.CLIENT_CLOSED:
+            self.client.close(ending)
+        self._on_end(ending)
+
+    def _check_idle(self) -> None:
+        idle = self._clock.seconds() - self._last_traffic
+        if idle >= self._idle_timeout:
+            self.end(Ending(Kind.IDLE, f"no traffic for {idle:.0f}s"))
+        else:
+            self._timers = [t for t in self._timers if t.active()]
+            self._timers.append(self._clock.callLater(self._idle_timeout - idle, self._check_idle))

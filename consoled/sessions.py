@@ -1,0 +1,197 @@
+"""Live sessions: the one path every door takes after the token is accepted.
+
+``Sessions.start`` opens the session's row and connects to the hypervisor at
+the same time, then relays; whatever ends the relay ends the row (reason,
+duration, bytes each way) and logs one line.  The service touches live rows
+on a timer and, on shut-down, ends every session and waits for the rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from consoled.backends.tcp import BackendProtocol, connect_backend
+from consoled.endings import Ending, Kind, Refusal
+from consoled.relay import ClientSide, Relay
+from consoled.store import Store
+from consoled.tokens import ConnectInfo
+
+log = Logger()
+
+
+class Session:
+    """One user's console session, from acceptance to its row's end."""
+
+    __slots__ = ("id", "info", "door", "client_address", "started", "relay", "finished")
+
+    def __init__(self, info: ConnectInfo, door: str, client_address: str, started: float) -> None:
+        self.id: int | None = None
+        self.info = info
+        self.door = door
+        self.client_address = client_address
+        self.started = started
+        self.relay: Relay | None = None
+        #: fires when the row has been ended (or ending it failed and was logged)
+        self.finished: defer.Deferred[None] = defer.Deferred()
+
+
+class Sessions(Service):
+    name = "sessions"
+
+    def __init__(
+        self,
+        store: Store,
+        reactor: Any,
+        proxy: str,
+        *,
+        connect_timeout: float = 10,
+        idle_timeout: float = 0,
+        enforce_session_timeout: bool = False,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self._store = store
+        self._reactor = reactor
+        self._clock = clock or reactor
+        self.proxy = proxy
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._enforce_session_timeout = enforce_session_timeout
+        self.live: set[Session] = set()
+
+    def start(self, info: ConnectInfo, door: str, client_address: str, client: ClientSide) -> Relay:
+        """Relay ``client`` to the console ``info`` names; returns the relay at once."""
+        session = Session(info, door, client_address, self._clock.seconds())
+        deadline = float(info.expires) if self._enforce_session_timeout else None
+        relay = Relay(
+            client,
+            self._clock,
+            lambda ending: self._ended(session, ending),
+            idle_timeout=self._idle_timeout,
+            deadline=deadline,
+        )
+        session.relay = relay
+        self.live.add(session)
+        if not self.running:
+            relay.end(Ending(Kind.SHUTDOWN))
+            return relay
+
+        row = self._store.open_session(
+            info=info, door=door, client_address=client_address, proxy=self.proxy
+        )
+        backend = connect_backend(
+            self._reactor,
+            info.host,
+            info.port,
+            timeout=self._connect_timeout,
+            connect_path=info.internal_access_path,
+        )
+        both = defer.gatherResults([row, backend], consumeErrors=True)
+
+        def go(results: list[Any]) -> None:
+            session_id, protocol = results
+            session.id = session_id
+            if relay.ending is None:
+                log.info(
+                    "session {session_id} started: {door} from {client} to {console_type} "
+                    "{host}:{port} of instance {instance}, token {hash_prefix}",
+                    session_id=session_id,
+                    door=door,
+                    client=client_address,
+                    console_type=info.console_type,
+                    host=info.host,
+                    port=info.port,
+                    instance=info.instance_uuid,
+                    hash_prefix=info.hash_prefix,
+                )
+            relay.attach_backend(protocol)
+            if relay.ending is not None:
+                self._finish(session, relay.ending)
+
+        def failed(failure: Failure) -> None:
+            cause = (
+                failure.value.subFailure if isinstance(failure.value, defer.FirstError) else failure
+            )
+            if row.called and isinstance(row.result, int):
+                session.id = row.result
+            if backend.called and isinstance(backend.result, BackendProtocol):
+                backend.result.transport.loseConnection()
+            if cause.check(Refusal):
+                relay.end(cause.value.ending)
+            elif not row.called or session.id is None:
+                log.failure("cannot record a session", cause)
+                relay.end(Ending(Kind.STORE_UNAVAILABLE))
+            else:
+                log.failure("session could not start", cause)
+                relay.end(Ending(Kind.INTERNAL))
+            if session.id is None:
+                self.live.discard(session)
+                session.finished.callback(None)
+            else:
+                self._finish(session, relay.ending or Ending(Kind.INTERNAL))
+
+        # The row and the backend may both fail; the first failure decides.
+        both.addCallbacks(go, failed)
+        return relay
+
+    def _ended(self, session: Session, ending: Ending) -> None:
+        if session.id is not None:
+            self._finish(session, ending)
+        # else: the row is still being written; start()'s callbacks finish it.
+
+    def _finish(self, session: Session, ending: Ending) -> None:
+        if session.finished.called or session not in self.live:
+            return
+        self.live.discard(session)
+        relay = session.relay
+        assert relay is not None and session.id is not None
+        seconds = self._clock.seconds() - session.started
+        log.info(
+            "session {session_id} ended ({ending}) after {seconds:.1f}s: "
+            "{to_client} bytes to client, {to_server} bytes to console, token {hash_prefix}",
+            session_id=session.id,
+            ending=str(ending),
+            seconds=seconds,
+            to_client=relay.bytes_to_client,
+            to_server=relay.bytes_to_server,
+            hash_prefix=session.info.hash_prefix,
+        )
+        d = self._store.end_session(
+            session.id,
+            reason=str(ending),
+            bytes_to_client=relay.bytes_to_client,
+            bytes_to_server=relay.bytes_to_server,
+        )
+        d.addErrback(
+            lambda f: log.failure(
+                "could not end the row of session {session_id}", f, session_id=session.id
+            )
+        )
+        d.addBoth(lambda _: session.finished.callback(None))
+
+    # -- timers and shut-down ----------------------------------------------
+
+    def touch(self) -> defer.Deferred[None]:
+        """Renew the rows of this proxy's live sessions in one statement."""
+        counters = [
+            (s.id, s.relay.bytes_to_client, s.relay.bytes_to_server)
+            for s in self.live
+            if s.id is not None and s.relay is not None
+        ]
+        d = self._store.touch_sessions(counters)
+        return d.addErrback(lambda f: log.failure("touching live sessions failed", f))
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        sessions = list(self.live)
+        if sessions:
+            log.info("ending {count} live session(s)", count=len(sessions))
+        for session in sessions:
+            if session.relay is not None:
+                session.relay.end(Ending(Kind.SHUTDOWN))
+        return defer.DeferredList([s.finished for s in sessions]).addCallback(lambda _: None)

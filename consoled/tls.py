@@ -1,0 +1,307 @@
+"""TLS for the listeners: options from nova's settings, mixed ports, SIGHUP reload.
+
+- `server_tls_from_settings` decides whether there is TLS at all and loads the
+  certificate at start-up; a bad file is a `TLSError`, one line naming it.
+- `ReloadableServerTLS` hands every new connection the options loaded last;
+  `reload` re-reads the files and keeps the old options if they are bad.
+- `tls_factory` wraps a listener's factory: plain, TLS only (`ssl_only`), or
+  both on one port, told apart by the first byte the client sends: 0x16 (a
+  TLS handshake record) means TLS, anything else plain, as websockify does.
+- `reload_on_sighup` reloads on SIGHUP, chaining to a handler already there.
+
+Semantics, defaults and examples: docs/tls.md.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IReactorFromThreads,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from consoled.config import Settings
+
+log = Logger()
+
+TLS_HANDSHAKE_RECORD = 0x16
+
+# ssl_minimum_version -> (raiseMinimumTo, insecurelyLowerMinimumTo).
+_MINIMUM_VERSIONS: dict[str, tuple[Any, Any]] = {
+    "default": (TLSVersion.TLSv1_2, None),
+    "tlsv1_2": (TLSVersion.TLSv1_2, None),
+    "tlsv1_3": (TLSVersion.TLSv1_3, None),
+    # Only on the operator's explicit word; OpenSSL 3's security level may still refuse it.
+    "tlsv1_1": (None, TLSVersion.TLSv1_1),
+}
+
+
+class TLSError(Exception):
+    """The TLS certificate, key or options cannot be used; the message is one line."""
+
+
+def _read(path: str, what: str) -> bytes:
+    # Blocking reads, at start-up and on SIGHUP only: the files are a few kB.
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSError(f"cannot read TLS {what} {path}: {e.strerror or e}") from None
+
+
+def _certificates(path: str, data: bytes) -> list[x509.Certificate]:
+    try:
+        found = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        found = []
+    if not found:
+        raise TLSError(f"no PEM certificate in TLS certificate file {path}")
+    return found
+
+
+def _private_key(path: str, data: bytes) -> Any:
+    # load_pem_private_key skips the CERTIFICATE blocks of a combined file.
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise TLSError(f"TLS key in {path} is encrypted; a passphrase is not supported") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TLSError(f"no usable PEM private key in {path}") from None
+
+
+def _acceptable_ciphers(ciphers: str | None) -> AcceptableCiphers | None:
+    if ciphers is None:
+        return None
+    try:
+        acceptable = AcceptableCiphers.fromOpenSSLCipherString(ciphers)
+        CertificateOptions(acceptableCiphers=acceptable)  # ValueError if none is usable
+    except (ValueError, SSL.Error):
+        raise TLSError(f"[console] ssl_ciphers {ciphers!r}: no cipher matches") from None
+    return acceptable
+
+
+def load_options(
+    cert_path: str,
+    key_path: str | None,
+    ciphers: AcceptableCiphers | None,
+    minimum_version: str,
+) -> CertificateOptions:
+    """CertificateOptions from the PEM files, or TLSError naming the bad file."""
+    if minimum_version not in _MINIMUM_VERSIONS:
+        raise TLSError(f"[console] ssl_minimum_version {minimum_version!r} is not known")
+    raise_to, lower_to = _MINIMUM_VERSIONS[minimum_version]
+    cert_data = _read(cert_path, "certificate")
+    chain = _certificates(cert_path, cert_data)
+    key_file = cert_path if key_path is None else key_path
+    key_data = cert_data if key_path is None else _read(key_path, "key")
+    key = _private_key(key_file, key_data)
+    if key.public_key() != chain[0].public_key():
+        raise TLSError(f"TLS key in {key_file} does not match the certificate in {cert_path}")
+    try:
+        options = CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(chain[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+            raiseMinimumTo=raise_to,
+            insecurelyLowerMinimumTo=lower_to,
+            acceptableCiphers=ciphers,
+        )
+        options.getContext()  # builds the context now, so OpenSSL's own checks run here
+    except (ValueError, SSL.Error) as e:
+        raise TLSError(f"TLS certificate {cert_path} is not usable: {e}") from None
+    return options
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class ReloadableServerTLS:
+    """Server TLS whose certificate can be re-read while the daemon runs.
+
+    Each new connection asks for a Connection (or, through the older API, the
+    context) and gets the options loaded last; a connection already made keeps
+    its own Connection, so a reload never touches a live session.
+    """
+
+    def __init__(
+        self,
+        cert_path: str,
+        key_path: str | None = None,
+        ciphers: str | None = None,
+        minimum_version: str = "default",
+    ) -> None:
+        self.cert_path, self.key_path = cert_path, key_path
+        self.minimum_version = minimum_version
+        self._ciphers = _acceptable_ciphers(ciphers)
+        if minimum_version == "tlsv1_1":
+            log.warn("[console] ssl_minimum_version = tlsv1_1 accepts TLS 1.1, which is obsolete")
+        self._options = self._load()
+        self._waiting: list[Deferred[bool]] = []
+
+    def _load(self) -> CertificateOptions:
+        return load_options(self.cert_path, self.key_path, self._ciphers, self.minimum_version)
+
+    @property
+    def options(self) -> CertificateOptions:
+        """The options new connections get now."""
+        return self._options
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return self._options.serverConnectionForTLS(tlsProtocol)
+
+    def getContext(self) -> SSL.Context:
+        return self._options.getContext()
+
+    def reload(self) -> bool:
+        """Re-read the files; True if new connections now use them, else keep the old."""
+        try:
+            options = self._load()
+        except TLSError as e:
+            log.error("TLS certificate reload failed, keeping the previous one: {error}", error=e)
+            ok = False
+        except Exception:
+            log.failure(
+                "TLS certificate reload from {cert} failed, keeping the previous one",
+                cert=self.cert_path,
+            )
+            ok = False
+        else:
+            self._options = options
+            log.info("TLS certificate reloaded from {cert}", cert=self.cert_path)
+            ok = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(ok)
+        return ok
+
+    def when_reloaded(self) -> Deferred[bool]:
+        """A Deferred that fires with the result of the next reload attempt."""
+        d: Deferred[bool] = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+def server_tls_from_settings(settings: Settings) -> ReloadableServerTLS | None:
+    """The listeners' TLS, or None for plain only; TLSError if the files are bad.
+
+    TLS is on when [DEFAULT] ssl_only is true, or key is set, or the cert file
+    exists (websockify's rule, decided once at start-up here): then the files
+    must load. Otherwise (the default self.pem absent) the listeners are plain.
+    """
+    default, console = settings.default, settings.console
+    if not (default.ssl_only or default.key or os.path.exists(default.cert)):
+        log.info("TLS off: certificate {cert} not found and ssl_only is false", cert=default.cert)
+        return None
+    return ReloadableServerTLS(
+        default.cert, default.key, console.ssl_ciphers, console.ssl_minimum_version
+    )
+
+
+def reload_on_sighup(
+    reloaders: Sequence[ReloadableServerTLS], reactor: IReactorFromThreads
+) -> Callable[[], None]:
+    """Reload every one of reloaders on SIGHUP; returns a function that uninstalls.
+
+    twistd uses SIGUSR1 (log rotation), not SIGHUP; a Python handler that is
+    already installed for SIGHUP is still called after ours, not replaced.
+    """
+    if not hasattr(signal, "SIGHUP"):
+        return lambda: None
+    previous = signal.getsignal(signal.SIGHUP)
+
+    def reload_all() -> None:
+        log.info("SIGHUP: reloading {count} TLS certificate(s)", count=len(reloaders))
+        for reloader in reloaders:
+            reloader.reload()
+
+    def on_sighup(signum: int, frame: Any) -> None:
+        # A signal handler may interrupt the reactor anywhere: only hand it work.
+        reactor.callFromThread(reload_all)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGHUP, on_sighup)
+
+    def uninstall() -> None:
+        if signal.getsignal(signal.SIGHUP) is on_sighup:
+            signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
+
+    return uninstall
+
+
+class FirstByteDetector(Protocol):
+    """Waits for the client's first byte, builds the inner protocol, then forwards.
+
+    The inner protocol (TLS or plain) talks to the real transport itself, so
+    writes, producers and pauseProducing need no help from here; only
+    dataReceived and connectionLost pass through. A client that connects and
+    sends nothing waits forever here: the doors' handshake timeouts end it.
+    """
+
+    inner: IProtocol | None = None
+
+    def __init__(self, factory: TLSOrPlainFactory, addr: IAddress) -> None:
+        self.factory, self.addr = factory, addr
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.inner is None:
+            if not data:
+                return
+            chosen = self.factory.tls if data[0] == TLS_HANDSHAKE_RECORD else self.factory.plain
+            self.inner = chosen.buildProtocol(self.addr)
+            if self.inner is None:
+                self.transport.loseConnection()
+                return
+            self.inner.makeConnection(self.transport)
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.inner is not None:
+            self.inner.connectionLost(reason)
+
+
+class TLSOrPlainFactory(Factory):
+    """One port for both: TLS when the first byte starts a handshake, else plain."""
+
+    def __init__(self, wrapped: IProtocolFactory, tls: ReloadableServerTLS) -> None:
+        self.plain = wrapped
+        self.tls = TLSMemoryBIOFactory(tls, False, wrapped)
+
+    def buildProtocol(self, addr: IAddress) -> FirstByteDetector:
+        return FirstByteDetector(self, addr)
+
+    def startFactory(self) -> None:
+        self.tls.doStart()  # and so the wrapped factory's
+
+    def stopFactory(self) -> None:
+        self.tls.doStop()
+
+
+def tls_factory(
+    wrapped: IProtocolFactory, tls: ReloadableServerTLS | None, ssl_only: bool
+) -> IProtocolFactory:
+    """wrapped behind TLS as configured: plain (tls None), TLS only, or either."""
+    if tls is None:
+        if ssl_only:
+            raise ValueError("ssl_only needs TLS: server_tls_from_settings never gives None then")
+        return wrapped
+    if ssl_only:
+        return TLSMemoryBIOFactory(tls, False, wrapped)
+    return TLSOrPlainFactory(wrapped, tls)
