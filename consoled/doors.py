@@ -102,7 +102,10 @@ def websocket_doors(
                 settings.serial_console.serialproxy_host,
                 settings.serial_console.serialproxy_port,
                 c.serial_web or PACKAGED_WEB,
-                {b"xterm": c.xterm_dir},
+                {
+                    b"xterm": c.xterm_dir,
+                    b"xterm-addon-fit": os.path.join(os.path.dirname(c.xterm_dir), "addon-fit"),
+                },
             )
         )
     doors = []

@@ -63,6 +63,8 @@ class Sessions(Service):
         self._idle_timeout = idle_timeout
         self._enforce_session_timeout = enforce_session_timeout
         self.live: set[Session] = set()
+        #: ended sessions whose rows are still being written
+        self._closing: set[Session] = set()
 
     def start(self, info: ConnectInfo, door: str, client_address: str, client: ClientSide) -> Relay:
         """Relay ``client`` to the console ``info`` names; returns the relay at once."""
@@ -148,6 +150,7 @@ class Sessions(Service):
         if session.finished.called or session not in self.live:
             return
         self.live.discard(session)
+        self._closing.add(session)
         relay = session.relay
         assert relay is not None and session.id is not None
         seconds = self._clock.seconds() - session.started
@@ -172,7 +175,16 @@ class Sessions(Service):
                 "could not end the row of session {session_id}", f, session_id=session.id
             )
         )
-        d.addBoth(lambda _: session.finished.callback(None))
+        d.addBoth(lambda _: self._closed(session))
+
+    def _closed(self, session: Session) -> None:
+        self._closing.discard(session)
+        session.finished.callback(None)
+
+    def settled(self) -> defer.Deferred[None]:
+        """Fires once every session alive or ending now has its row ended."""
+        waiting = [s.finished for s in self.live | self._closing]
+        return defer.DeferredList(waiting).addCallback(lambda _: None)
 
     # -- timers and shut-down ----------------------------------------------
 
@@ -194,4 +206,4 @@ class Sessions(Service):
         for session in sessions:
             if session.relay is not None:
                 session.relay.end(Ending(Kind.SHUTDOWN))
-        return defer.DeferredList([s.finished for s in sessions]).addCallback(lambda _: None)
+        return self.settled()

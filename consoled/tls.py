@@ -45,13 +45,13 @@ log = Logger()
 
 TLS_HANDSHAKE_RECORD = 0x16
 
-# ssl_minimum_version -> (raiseMinimumTo, insecurelyLowerMinimumTo).
-_MINIMUM_VERSIONS: dict[str, tuple[Any, Any]] = {
-    "default": (TLSVersion.TLSv1_2, None),
-    "tlsv1_2": (TLSVersion.TLSv1_2, None),
-    "tlsv1_3": (TLSVersion.TLSv1_3, None),
+# ssl_minimum_version -> CertificateOptions arguments (the two are mutually exclusive).
+_MINIMUM_VERSIONS: dict[str, dict[str, Any]] = {
+    "default": {"raiseMinimumTo": TLSVersion.TLSv1_2},
+    "tlsv1_2": {"raiseMinimumTo": TLSVersion.TLSv1_2},
+    "tlsv1_3": {"raiseMinimumTo": TLSVersion.TLSv1_3},
     # Only on the operator's explicit word; OpenSSL 3's security level may still refuse it.
-    "tlsv1_1": (None, TLSVersion.TLSv1_1),
+    "tlsv1_1": {"insecurelyLowerMinimumTo": TLSVersion.TLSv1_1},
 }
 
 
@@ -108,7 +108,6 @@ def load_options(
     """CertificateOptions from the PEM files, or TLSError naming the bad file."""
     if minimum_version not in _MINIMUM_VERSIONS:
         raise TLSError(f"[console] ssl_minimum_version {minimum_version!r} is not known")
-    raise_to, lower_to = _MINIMUM_VERSIONS[minimum_version]
     cert_data = _read(cert_path, "certificate")
     chain = _certificates(cert_path, cert_data)
     key_file = cert_path if key_path is None else key_path
@@ -121,9 +120,8 @@ def load_options(
             privateKey=crypto.PKey.from_cryptography_key(key),
             certificate=crypto.X509.from_cryptography(chain[0]),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-            raiseMinimumTo=raise_to,
-            insecurelyLowerMinimumTo=lower_to,
             acceptableCiphers=ciphers,
+            **_MINIMUM_VERSIONS[minimum_version],
         )
         options.getContext()  # builds the context now, so OpenSSL's own checks run here
     except (ValueError, SSL.Error) as e:
@@ -151,7 +149,10 @@ class ReloadableServerTLS:
         self.minimum_version = minimum_version
         self._ciphers = _acceptable_ciphers(ciphers)
         if minimum_version == "tlsv1_1":
-            log.warn("[console] ssl_minimum_version = tlsv1_1 accepts TLS 1.1, which is obsolete")
+            log.warn(
+                "[console] ssl_minimum_version = tlsv1_1: TLS 1.1 is obsolete"
+                " (and OpenSSL 3 at its default security level refuses it anyway)"
+            )
         self._options = self._load()
         self._waiting: list[Deferred[bool]] = []
 

@@ -20,9 +20,11 @@ query parameters ``host``, ``port``, ``path`` (default ``websockify``),
 ``password``, ``view_only`` and ``scale`` (values are URI-decoded, so a path
 with its own query must be percent-encoded), and writes its state into
 ``#status``: ``Loading`` -> ``Connecting`` -> ``Connected to <desktop name>``
-(QEMU: ``Connected to QEMU (<vm name>)``), or ``Disconnected`` (clean close)
-or ``Something went wrong, connection is closed``.  The framebuffer is the one
-canvas inside ``#screen``.
+(QEMU: ``Connected to QEMU``, or ``Connected to QEMU (<name>)`` with
+``-name``), or ``Disconnected`` (clean close) or ``Something went wrong,
+connection is closed``.  The framebuffer is the one canvas inside
+``#screen``; QEMU without a display device draws a 640x480 black screen that
+reads "This VM has no graphic display device.".
 """
 
 from __future__ import annotations
@@ -271,6 +273,7 @@ class BrowserSession:
         page.on("console", lambda message: log(f"console.{message.type}: {message.text}"))
         page.on("pageerror", lambda error: log(f"pageerror: {error}"))
         page.on("requestfailed", lambda request: log(f"requestfailed: {request.url}"))
+        page.on("response", lambda response: _log_http_error(response, log))
         page.on("websocket", lambda ws: _watch_websocket(ws, log))
         self._tab = tab
 
@@ -302,6 +305,11 @@ def _watch_websocket(ws: Any, log: Callable[[str], None]) -> None:
     ws.on("close", lambda _ws: log(f"websocket: closed {ws.url}"))
 
 
+def _log_http_error(response: Any, log: Callable[[str], None]) -> None:
+    if response.status >= 400:
+        log(f"http {response.status}: {response.url}")
+
+
 def _describe_failure(tab: BrowserTab, error: Exception) -> str:
     lines = str(error).strip().splitlines() or [type(error).__name__]
     try:
@@ -310,9 +318,7 @@ def _describe_failure(tab: BrowserTab, error: Exception) -> str:
     except Exception as screenshot_error:
         url, shot = "?", f"(none: {screenshot_error})"
     console = "\n".join(f"  {line}" for line in tab.console_messages) or "  (none)"
-    return "\n".join(
-        [*lines[:8], f"page: {url}", f"screenshot: {shot}", f"page log:\n{console}"]
-    )
+    return "\n".join([*lines[:8], f"page: {url}", f"screenshot: {shot}", f"page log:\n{console}"])
 
 
 def require_browser(testcase: unittest.SynchronousTestCase) -> str:
@@ -356,7 +362,10 @@ def wait_for_text(tab: BrowserTab, selector: str, texts: Sequence[str]) -> str:
 
     try:
         tab.page.wait_for_function(
-            TEXT_CONTAINS_JS, arg=[selector, list(texts)], polling=POLL_MS, timeout=tab.remaining_ms()
+            TEXT_CONTAINS_JS,
+            arg=[selector, list(texts)],
+            polling=POLL_MS,
+            timeout=tab.remaining_ms(),
         )
     except PlaywrightTimeout:
         raise PlaywrightTimeout(

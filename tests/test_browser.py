@@ -12,8 +12,8 @@ import importlib.util
 import os
 import socket
 import sys
+import threading
 
-from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from tests import browser, peers
@@ -150,8 +150,6 @@ class BrowserSessionTests(unittest.TestCase):
     async def test_jobs_share_one_thread_off_the_reactor(self) -> None:
         """Every job runs on the same non-reactor thread, so Playwright's sync
         objects are always used from the thread that made them."""
-        import threading
-
         session = await browser.launch_browser(self)
         first = await session.call(lambda tab: threading.get_ident())
         second = await session.call(lambda tab: threading.get_ident())
@@ -159,12 +157,8 @@ class BrowserSessionTests(unittest.TestCase):
         self.assertEqual(first, second)
         self.assertNotEqual(first, threading.get_ident())
 
-    def test_close_twice(self) -> Deferred[None]:
+    async def test_close_twice(self) -> None:
         """close() may be called again (by a test and by its cleanup)."""
-
-        async def go() -> None:
-            session = await browser.launch_browser(self)
-            await session.close()
-            await session.close()
-
-        return Deferred.fromCoroutine(go())
+        session = await browser.launch_browser(self)
+        await session.close()
+        await session.close()

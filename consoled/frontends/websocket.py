@@ -90,6 +90,13 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
     info: ConnectInfo | None = None
     client_address = "?"
 
+    def connectionMade(self) -> None:
+        # Taken over from twisted.web: the HTTPChannel registered itself as the
+        # transport's producer and never unregisters; the relay needs that slot.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+        super().connectionMade()
+
     # -- the opening handshake ---------------------------------------------
 
     def onConnect(self, request: ConnectionRequest) -> defer.Deferred[str | None]:

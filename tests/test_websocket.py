@@ -1,0 +1,258 @@
+"""The websocket door, end to end: real sockets, QEMU's servers as the hypervisor."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from tests.harness import Consoled, test_settings
+from tests.peers import (
+    spice_link_message,
+    spice_link_reply_complete,
+    start_qemu_monitor,
+    start_qemu_spice,
+    start_qemu_vnc,
+)
+from tests.wsclient import http_request, upgrade_request, ws_connect
+
+
+async def rfb_handshake(client: Any) -> tuple[int, int]:
+    """RFB 3.8 with security None up to a FramebufferUpdate; returns the screen size."""
+    assert await client.read(12) == b"RFB 003.008\n"
+    client.send(b"RFB 003.008\n")
+    (count,) = struct.unpack("!B", await client.read(1))
+    types = await client.read(count)
+    assert 1 in types, types
+    client.send(b"\x01")
+    assert await client.read(4) == b"\x00\x00\x00\x00"  # SecurityResult OK
+    client.send(b"\x01")  # ClientInit: shared
+    width, height = struct.unpack("!HH", await client.read(4))
+    await client.read(16)  # pixel format
+    (name_length,) = struct.unpack("!I", await client.read(4))
+    await client.read(name_length)
+    client.send(struct.pack("!BBHHHH", 3, 0, 0, 0, width, height))  # full update request
+    message_type, _, rectangles = struct.unpack("!BBH", await client.read(4))
+    assert message_type == 0 and rectangles >= 1, (message_type, rectangles)
+    return width, height
+
+
+class ConsoleTests(TestCase):
+    """Each console type through its door to QEMU's own server."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.consoled = Consoled(self, test_settings())
+
+    @defer.inlineCallbacks
+    def test_novnc_rfb_to_qemu(self) -> Any:
+        """A noVNC token opens QEMU's VNC: RFB 3.8 handshake and a FramebufferUpdate."""
+        vnc = yield start_qemu_vnc(self)
+        issued = yield self.consoled.authorize("novnc", vnc.host, vnc.port)
+        client = yield ws_connect(self.consoled.port("novnc"), issued.token)
+        self.assertEqual(client.websocket_protocol_in_use, "binary")
+        width, height = yield defer.Deferred.fromCoroutine(rfb_handshake(client))
+        self.assertGreater(width * height, 0)
+        client.sendClose(1000)
+        yield client.closed
+        yield self.consoled.wait_sessions_ended()
+        (row,) = self.consoled.session_rows()
+        self.assertEqual(row["end_reason"], "client closed the connection: close code 1000")
+        self.assertGreater(row["bytes_to_client"], 12)
+        self.assertGreater(row["bytes_to_server"], 12)
+        self.assertEqual(row["door"], "websocket/novnc")
+        self.assertIsNotNone(row["ended_at"])
+
+    @defer.inlineCallbacks
+    def test_spice_link(self) -> Any:
+        """A spice-html5 token opens QEMU's SPICE server: a REDQ link reply comes back."""
+        spice = yield start_qemu_spice(self)
+        issued = yield self.consoled.authorize("spice-html5", spice.host, spice.port)
+        client = yield ws_connect(self.consoled.port("spice"), issued.token)
+        client.send(spice_link_message())
+        reply = yield client._wait(
+            lambda b: len(b) if spice_link_reply_complete(bytes(b)) else None, 10
+        )
+        self.assertEqual(reply[:4], b"REDQ")
+        self.assertEqual(struct.unpack("<I", reply[4:8])[0], 2)
+        client.sendClose(1000)
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_serial_both_ways(self) -> Any:
+        """A serial token reaches a QEMU chardev: its banner arrives, a command is answered."""
+        monitor = yield start_qemu_monitor(self)
+        issued = yield self.consoled.authorize("serial", monitor.host, monitor.port)
+        client = yield ws_connect(self.consoled.port("serial"), issued.token)
+        yield client.read_until(b"(qemu) ")
+        client.send(b"info status\r")
+        answer = yield client.read_until(b"VM status: running")
+        self.assertIn(b"VM status", answer)
+        client.sendClose(1000)
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_no_subprotocol(self) -> Any:
+        """A client that offers no subprotocol is served too."""
+        vnc = yield start_qemu_vnc(self)
+        issued = yield self.consoled.authorize("novnc", vnc.host, vnc.port)
+        client = yield ws_connect(self.consoled.port("novnc"), issued.token, protocols=())
+        self.assertIsNone(client.websocket_protocol_in_use)
+        self.assertEqual((yield client.read(12)), b"RFB 003.008\n")
+        client.sendClose(1000)
+        yield client.closed
+
+
+class RefusalTests(TestCase):
+    """Everything is decided before the 101 answer: status line, plain text, one log line."""
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.consoled = Consoled(self, test_settings())
+        self.port = self.consoled.port("novnc")
+
+    @defer.inlineCallbacks
+    def status_of(self, target: str, **kwargs: Any) -> Any:
+        status, headers, body = yield http_request(self.port, upgrade_request(target, **kwargs))
+        return status, body
+
+    @defer.inlineCallbacks
+    def test_missing_unknown_expired(self) -> Any:
+        """No token, an unknown token and an expired one are all 401."""
+        issued = yield self.consoled.authorize("novnc", "127.0.0.1", 1, ttl=-1)
+        for target in ("/", "/?token=0b1c", f"/?token={issued.token}"):
+            status, body = yield self.status_of(target)
+            self.assertEqual(status, 401, target)
+            self.assertTrue(body.endswith(b"\n") and len(body) < 100, body)
+
+    @defer.inlineCallbacks
+    def test_wrong_console_type(self) -> Any:
+        """A spice token at the noVNC door is 403."""
+        issued = yield self.consoled.authorize("spice-html5", "127.0.0.1", 1)
+        status, body = yield self.status_of(f"/?token={issued.token}")
+        self.assertEqual(status, 403)
+        self.assertIn(b"another console type", body)
+
+    @defer.inlineCallbacks
+    def test_origin(self) -> Any:
+        """Origin must match Host (or allowed_origins) and the base URL's scheme family."""
+        issued = yield self.consoled.authorize("novnc", "127.0.0.1", 1)
+        target = f"/?token={issued.token}"
+        status, _ = yield self.status_of(target, extra="Origin: http://evil.example\r\n")
+        self.assertEqual(status, 403)
+        status, _ = yield self.status_of(target, extra="Origin: https://127.0.0.1\r\n")
+        self.assertEqual(status, 403)
+        # From an untrusted peer X-Forwarded-Proto is ignored: http stays http, so it passes
+        # the origin check and fails later only because port 1 is closed (after the 101).
+        status, _ = yield self.status_of(
+            target, extra="Origin: http://127.0.0.1\r\nX-Forwarded-Proto: https\r\n"
+        )
+        self.assertEqual(status, 101)
+
+    @defer.inlineCallbacks
+    def test_cookie_token_and_malformed_cookie(self) -> Any:
+        """The token may come in a cookie; a malformed cookie part is skipped."""
+        issued = yield self.consoled.authorize("novnc", "127.0.0.1", 1)
+        status, _ = yield self.status_of(
+            "/websockify", extra=f"Cookie: junk; =x; token={issued.token}\r\n"
+        )
+        self.assertEqual(status, 101)
+
+    @defer.inlineCallbacks
+    def test_invalid_handshake_is_400(self) -> Any:
+        """An upgrade request without Sec-WebSocket-Key is 400, and the token is not logged."""
+        issued = yield self.consoled.authorize("novnc", "127.0.0.1", 1)
+        status, _ = yield self.status_of(f"/?token={issued.token}", key=False)
+        self.assertEqual(status, 400)
+
+
+class StaticTests(TestCase):
+    """The web directory: GET/HEAD files, no listings, no // redirect."""
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.consoled = Consoled(self, test_settings())
+        self.port = self.consoled.port("serial")
+
+    @defer.inlineCallbacks
+    def get(self, line: str) -> Any:
+        return (yield http_request(self.port, f"{line}\r\nHost: x\r\n\r\n".encode()))
+
+    @defer.inlineCallbacks
+    def test_rules(self) -> Any:
+        """serial.html is served; POST is 405; a directory is 404; // is 400."""
+        status, headers, body = yield self.get("GET /serial.html HTTP/1.1")
+        self.assertEqual(status, 200)
+        self.assertIn(b"xterm", body)
+        status, headers, _ = yield self.get("POST /serial.html HTTP/1.1")
+        self.assertEqual((status, headers.get(b"allow")), (405, b"GET, HEAD"))
+        status, _, _ = yield self.get("GET / HTTP/1.1")
+        self.assertEqual(status, 404)
+        status, _, _ = yield self.get("GET //evil.example/%2e%2e HTTP/1.1")
+        self.assertEqual(status, 400)
+
+
+class _FloodingSource(Protocol):
+    """A hypervisor that writes as fast as its transport lets it, and says when it is paused."""
+
+    def __init__(self, connected: defer.Deferred[_FloodingSource]) -> None:
+        self.sent = 0
+        self._connected = connected
+        self.paused: defer.Deferred[None] = defer.Deferred()
+        self._running = False
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        self._connected.callback(self)
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        self._running = True
+        while self._running and self.transport.connected:
+            self.transport.write(b"x" * 65536)
+            self.sent += 65536
+
+    def pauseProducing(self) -> None:
+        self._running = False
+        if not self.paused.called:
+            self.paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self._running = False
+
+
+class FlowControlTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_slow_reader_pauses_the_hypervisor(self) -> Any:
+        """A browser that stops reading makes consoled stop reading the hypervisor.
+
+        The source writes until its own transport pushes back.  That happens
+        only if consoled stops reading it; a relay without flow control would
+        read everything into memory and the source would never be paused.
+        """
+        consoled = Consoled(self, test_settings())
+        connected: defer.Deferred[_FloodingSource] = defer.Deferred()
+        factory = Factory.forProtocol(lambda: _FloodingSource(connected))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        issued = yield consoled.authorize("serial", "127.0.0.1", port.getHost().port)
+        client = yield ws_connect(consoled.port("serial"), issued.token)
+        client.transport.pauseProducing()  # the browser stops reading
+        source = yield connected
+        yield source.paused
+        self.assertLess(source.sent, 64 * 1024 * 1024)
+        (session,) = consoled.sessions.live
+        # consoled holds no more than its socket buffers plus one read.
+        held = session.relay.bytes_to_client
+        self.assertLess(held, 64 * 1024 * 1024)
+        client.transport.resumeProducing()
+        client.sendClose(1000)
+        yield client.closed
