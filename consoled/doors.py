@@ -21,6 +21,7 @@ from consoled.config import Settings
 from consoled.frontends.web import door_site
 from consoled.frontends.websocket import ConsoleServerFactory, Door
 from consoled.sessions import Sessions
+from consoled.tls import ReloadableServerTLS, reload_on_sighup, tls_factory
 
 log = Logger()
 
@@ -69,8 +70,32 @@ class DoorService(Service):
         return defer.maybeDeferred(self.port.stopListening)
 
 
+class CertificateReloader(Service):
+    """Re-reads the TLS certificate and key on SIGHUP while running."""
+
+    name = "tls-reloader"
+
+    def __init__(self, tls: ReloadableServerTLS, reactor: Any) -> None:
+        self._tls = tls
+        self._reactor = reactor
+        self._uninstall: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._uninstall = reload_on_sighup([self._tls], self._reactor)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._uninstall is not None:
+            self._uninstall()
+
+
 def websocket_doors(
-    settings: Settings, authorizer: Authorizer, sessions: Sessions, reactor: Any
+    settings: Settings,
+    authorizer: Authorizer,
+    sessions: Sessions,
+    reactor: Any,
+    tls: ReloadableServerTLS | None = None,
 ) -> list[DoorService]:
     """The noVNC, spice-html5 and serial doors that the settings enable."""
     c = settings.consoled
@@ -122,5 +147,6 @@ def websocket_doors(
         )
         site = door_site(factory, web_dir, extra=extra, timeout=c.handshake_timeout)
         endpoint = serverFromString(reactor, endpoint_string(host, port))
-        doors.append(DoorService(name, f"websocket {name}", endpoint, site))
+        wrapped = tls_factory(site, tls, settings.default.ssl_only)
+        doors.append(DoorService(name, f"websocket {name}", endpoint, wrapped))
     return doors

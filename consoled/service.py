@@ -19,11 +19,12 @@ from twisted.python import usage
 
 from consoled.authorizer import Authorizer
 from consoled.config import ConfigError, Settings, load_settings
-from consoled.doors import websocket_doors
+from consoled.doors import CertificateReloader, websocket_doors
 from consoled.sessions import Sessions
 from consoled.store import Store, open_store, schema
 from consoled.store.engine import describe_error, safe_url
 from consoled.timers import clean_expired_tokens, duty
+from consoled.tls import TLSError, server_tls_from_settings
 
 log = Logger()
 
@@ -126,7 +127,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         recycle=settings.database.connection_recycle_time,
     )
     prepare_schema(store, embedded)
-    return compose(settings, store, reactor)
+    try:
+        return compose(settings, store, reactor)
+    except TLSError as error:
+        raise SystemExit(f"consoled: {error}")
 
 
 def compose(settings: Settings, store: Store, reactor: Any) -> SequentialMultiService:
@@ -150,7 +154,10 @@ def compose(settings: Settings, store: Store, reactor: Any) -> SequentialMultiSe
         store,
         settings.consoled.token_clean_batch,
     ).setServiceParent(top)
-    for door in websocket_doors(settings, Authorizer(store), sessions, reactor):
+    tls = server_tls_from_settings(settings)
+    if tls is not None:
+        CertificateReloader(tls, reactor).setServiceParent(top)
+    for door in websocket_doors(settings, Authorizer(store), sessions, reactor, tls):
         door.setServiceParent(top)
     Announcer(
         reactor,

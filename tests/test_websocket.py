@@ -107,6 +107,53 @@ class ConsoleTests(TestCase):
         yield client.closed
 
 
+class TLSTests(TestCase):
+    """TLS terminated in the door: wss and plain ws share the port unless ssl_only."""
+
+    timeout = 30
+
+    def start(self, ssl_only: bool) -> Consoled:
+        import dataclasses
+
+        from tests.test_tls import SERVER_A, write_pair
+
+        cert, key = write_pair(self, SERVER_A)
+        settings = test_settings()
+        settings = dataclasses.replace(
+            settings,
+            default=dataclasses.replace(settings.default, cert=cert, key=key, ssl_only=ssl_only),
+        )
+        return Consoled(self, settings)
+
+    @defer.inlineCallbacks
+    def test_wss_and_ws_on_one_port(self) -> Any:
+        """Without ssl_only a wss client and a plain ws client both reach QEMU's VNC."""
+        from tests.test_tls import trusting_ca
+
+        consoled = self.start(ssl_only=False)
+        vnc = yield start_qemu_vnc(self)
+        for tls in (trusting_ca(), None):
+            issued = yield consoled.authorize("novnc", vnc.host, vnc.port)
+            client = yield ws_connect(consoled.port("novnc"), issued.token, tls=tls)
+            self.assertEqual((yield client.read(12)), b"RFB 003.008\n")
+            client.sendClose(1000)
+            yield client.closed
+
+    @defer.inlineCallbacks
+    def test_ssl_only_refuses_plain(self) -> Any:
+        """With ssl_only a plain client never gets a websocket."""
+        from tests.test_tls import trusting_ca
+
+        consoled = self.start(ssl_only=True)
+        vnc = yield start_qemu_vnc(self)
+        issued = yield consoled.authorize("novnc", vnc.host, vnc.port)
+        yield self.assertFailure(ws_connect(consoled.port("novnc"), issued.token), ConnectionError)
+        client = yield ws_connect(consoled.port("novnc"), issued.token, tls=trusting_ca())
+        self.assertEqual((yield client.read(12)), b"RFB 003.008\n")
+        client.sendClose(1000)
+        yield client.closed
+
+
 class RefusalTests(TestCase):
     """Everything is decided before the 101 answer: status line, plain text, one log line."""
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
 from tests.peers import ExchangeFailed, tcp_exchange
 
@@ -81,14 +81,18 @@ def ws_connect(
     origin: str | None = None,
     protocols: tuple[str, ...] = ("binary",),
     headers: dict[str, str] | None = None,
+    tls: Any = None,
 ) -> defer.Deferred[StreamClient]:
-    """Open a websocket to a door; fires once the session is open."""
-    url = f"ws://{HOST}:{port}{path}" + (f"?token={token}" if token else "")
+    """Open a websocket to a door (wss with ``tls`` client options); fires once open."""
+    scheme = "wss" if tls is not None else "ws"
+    url = f"{scheme}://{HOST}:{port}{path}" + (f"?token={token}" if token else "")
     factory = WebSocketClientFactory(
         url, origin=origin, protocols=list(protocols) or None, headers=headers
     )
     factory.protocol = StreamClient
-    endpoint = TCP4ClientEndpoint(reactor, HOST, port, timeout=5)
+    endpoint: Any = TCP4ClientEndpoint(reactor, HOST, port, timeout=5)
+    if tls is not None:
+        endpoint = wrapClientTLS(tls, endpoint)
     return endpoint.connect(factory).addCallback(lambda client: client.opened)
 
 
