@@ -133,8 +133,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         raise SystemExit(f"consoled: {error}")
 
 
-def compose(settings: Settings, store: Store, reactor: Any) -> SequentialMultiService:
-    """Every service of one consoled, in start order (they stop the other way round)."""
+def compose(
+    settings: Settings, store: Store, reactor: Any, clock: Any = None
+) -> SequentialMultiService:
+    """Every service of one consoled, in start order (they stop the other way round).
+
+    ``clock`` drives the sessions' idle and expiry timers (tests pass a Clock).
+    """
     top = SequentialMultiService()
     StoreService(store).setServiceParent(top)
     sessions = Sessions(
@@ -144,6 +149,7 @@ def compose(settings: Settings, store: Store, reactor: Any) -> SequentialMultiSe
         connect_timeout=settings.consoled.connect_timeout,
         idle_timeout=settings.consoled.idle_timeout,
         enforce_session_timeout=settings.consoleauth.enforce_session_timeout,
+        clock=clock,
     )
     sessions.setServiceParent(top)
     duty("session-toucher", settings.consoled.touch_interval, sessions.touch).setServiceParent(top)

@@ -49,13 +49,13 @@ def test_settings(**consoled: Any) -> Settings:
 class Consoled:
     """One running consoled; ``port(door)`` gives a door's bound port."""
 
-    def __init__(self, testcase: TestCase, settings: Settings) -> None:
+    def __init__(self, testcase: TestCase, settings: Settings, clock: Any = None) -> None:
         path = os.path.abspath(testcase.mktemp()) + ".sqlite"
         self.engine = make_engine(f"sqlite:///{path}")
         schema.upgrade(self.engine)
         self.store = Store(self.engine, ThreadRunner(reactor, 2), reactor)
         self.settings = settings
-        self.top = compose(settings, self.store, reactor)
+        self.top = compose(settings, self.store, reactor, clock)
         self.top.startService()
         testcase.addCleanup(self.top.stopService)
 
