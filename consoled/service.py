@@ -53,6 +53,8 @@ class SequentialMultiService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
+        if not self.running:
+            return
         Service.stopService(self)
         for child in reversed(list(self)):
             try:

@@ -28,7 +28,16 @@ log = Logger()
 class Session:
     """One user's console session, from acceptance to its row's end."""
 
-    __slots__ = ("id", "info", "door", "client_address", "started", "relay", "finished")
+    __slots__ = (
+        "id",
+        "info",
+        "door",
+        "client_address",
+        "started",
+        "relay",
+        "connecting",
+        "finished",
+    )
 
     def __init__(self, info: ConnectInfo, door: str, client_address: str, started: float) -> None:
         self.id: int | None = None
@@ -37,6 +46,8 @@ class Session:
         self.client_address = client_address
         self.started = started
         self.relay: Relay | None = None
+        #: the hypervisor connection being made, cancelled if the session ends first
+        self.connecting: defer.Deferred[Any] | None = None
         #: fires when the row has been ended (or ending it failed and was logged)
         self.finished: defer.Deferred[None] = defer.Deferred()
 
@@ -83,9 +94,13 @@ class Sessions(Service):
             relay.end(Ending(Kind.SHUTDOWN))
             return relay
 
+        # The row and the hypervisor connection proceed side by side; each
+        # settles on its own, so a row written after the session already
+        # ended is still ended, and relaying starts without waiting for it.
         row = self._store.open_session(
             info=info, door=door, client_address=client_address, proxy=self.proxy
         )
+        row.addCallbacks(self._row_written, self._row_failed, (session,), None, (session,))
         backend = connect_backend(
             self._reactor,
             info.host,
@@ -93,58 +108,64 @@ class Sessions(Service):
             timeout=self._connect_timeout,
             connect_path=info.internal_access_path,
         )
-        both = defer.gatherResults([row, backend], consumeErrors=True)
-
-        def go(results: list[Any]) -> None:
-            session_id, protocol = results
-            session.id = session_id
-            if relay.ending is None:
-                log.info(
-                    "session {session_id} started: {door} from {client} to {console_type} "
-                    "{host}:{port} of instance {instance}, token {hash_prefix}",
-                    session_id=session_id,
-                    door=door,
-                    client=client_address,
-                    console_type=info.console_type,
-                    host=info.host,
-                    port=info.port,
-                    instance=info.instance_uuid,
-                    hash_prefix=info.hash_prefix,
-                )
-            relay.attach_backend(protocol)
-            if relay.ending is not None:
-                self._finish(session, relay.ending)
-
-        def failed(failure: Failure) -> None:
-            cause = (
-                failure.value.subFailure if isinstance(failure.value, defer.FirstError) else failure
-            )
-            if row.called and isinstance(row.result, int):
-                session.id = row.result
-            if backend.called and isinstance(backend.result, BackendProtocol):
-                backend.result.transport.loseConnection()
-            if cause.check(Refusal):
-                relay.end(cause.value.ending)
-            elif not row.called or session.id is None:
-                log.failure("cannot record a session", cause)
-                relay.end(Ending(Kind.STORE_UNAVAILABLE))
-            else:
-                log.failure("session could not start", cause)
-                relay.end(Ending(Kind.INTERNAL))
-            if session.id is None:
-                self.live.discard(session)
-                session.finished.callback(None)
-            else:
-                self._finish(session, relay.ending or Ending(Kind.INTERNAL))
-
-        # The row and the backend may both fail; the first failure decides.
-        both.addCallbacks(go, failed)
+        session.connecting = backend
+        backend.addCallbacks(
+            self._backend_ready, self._backend_failed, (session,), None, (session,)
+        )
         return relay
 
+    def _row_written(self, session_id: int, session: Session) -> None:
+        session.id = session_id
+        assert session.relay is not None
+        if session.relay.ending is not None:
+            self._finish(session, session.relay.ending)
+        else:
+            self._announce(session)
+
+    def _row_failed(self, failure: Failure, session: Session) -> None:
+        log.failure("cannot record a session", failure)
+        assert session.relay is not None
+        session.relay.end(Ending(Kind.STORE_UNAVAILABLE))
+        self.live.discard(session)
+        session.finished.callback(None)
+
+    def _backend_ready(self, protocol: BackendProtocol, session: Session) -> None:
+        assert session.relay is not None
+        session.relay.attach_backend(protocol)
+        self._announce(session)
+
+    def _backend_failed(self, failure: Failure, session: Session) -> None:
+        assert session.relay is not None
+        if failure.check(Refusal):
+            session.relay.end(failure.value.ending)
+        else:
+            log.failure("could not connect to the console", failure)
+            session.relay.end(Ending(Kind.INTERNAL))
+
+    def _announce(self, session: Session) -> None:
+        """The start line, once the row is written and the console connected."""
+        relay, info = session.relay, session.info
+        if session.id is None or relay is None or relay.backend is None or relay.ending:
+            return
+        log.info(
+            "session {session_id} started: {door} from {client} to {console_type} "
+            "{host}:{port} of instance {instance}, token {hash_prefix}",
+            session_id=session.id,
+            door=session.door,
+            client=session.client_address,
+            console_type=info.console_type,
+            host=info.host,
+            port=info.port,
+            instance=info.instance_uuid,
+            hash_prefix=info.hash_prefix,
+        )
+
     def _ended(self, session: Session, ending: Ending) -> None:
+        if session.connecting is not None and not session.connecting.called:
+            session.connecting.cancel()
         if session.id is not None:
             self._finish(session, ending)
-        # else: the row is still being written; start()'s callbacks finish it.
+        # else: the row is still being written; _row_written finishes it.
 
     def _finish(self, session: Session, ending: Ending) -> None:
         if session.finished.called or session not in self.live:

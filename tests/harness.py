@@ -46,6 +46,19 @@ def test_settings(**consoled: Any) -> Settings:
     )
 
 
+def drop_autobahn_timer_buckets() -> None:
+    """Cancel Autobahn's emptied timer buckets.
+
+    Autobahn batches its protocol timers (handshake, ping, close) into
+    one-second buckets; cancelling a timer leaves its bucket's DelayedCall
+    pending until the bucket time, with nothing to do.  Trial would call that
+    a dirty reactor.
+    """
+    for call in reactor.getDelayedCalls():
+        if getattr(call.func, "__name__", "") == "_notify_bucket":
+            call.cancel()
+
+
 class Consoled:
     """One running consoled; ``port(door)`` gives a door's bound port."""
 
@@ -57,6 +70,7 @@ class Consoled:
         self.settings = settings
         self.top = compose(settings, self.store, reactor, clock)
         self.top.startService()
+        testcase.addCleanup(drop_autobahn_timer_buckets)
         testcase.addCleanup(self.top.stopService)
 
     @property

@@ -19,6 +19,8 @@ from consoled.store import schema
 from consoled.store.engine import make_engine
 from consoled.timers import clean_expired_tokens, duty
 from tests.databases import fresh_database
+from tests.peers import free_port
+from tests.wsclient import http_request, upgrade_request
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = "from twisted.scripts.twistd import run; run()"
@@ -79,12 +81,14 @@ class AssemblyTests(SynchronousTestCase):
         """The store starts first and stops last; children stop one after the other."""
         url = fresh_database(self, "sqlite")
         config = write_config(self, f"[database]\nconnection = {url}\n")
-        make_engine(url).dispose()
-        schema.upgrade(make_engine(url))
+        engine = make_engine(url)
+        schema.upgrade(engine)
+        engine.dispose()
         top = makeService(options_for(config), reactor=reactor)
         self.assertIsInstance(top, SequentialMultiService)
         self.assertEqual(
-            [s.name for s in IServiceCollection(top)], ["store", "token-cleaner", "announcer"]
+            [s.name for s in IServiceCollection(top)],
+            ["store", "sessions", "session-toucher", "token-cleaner", "novnc", "announcer"],
         )
 
     def test_refuses_schema_behind(self) -> None:
@@ -178,9 +182,11 @@ class DaemonTests(TestCase):
         The raw token of a stored console never appears in its output.
         """
         state = os.path.abspath(self.mktemp())
+        novnc_port = free_port()
         config = write_config(
             self,
-            f"[DEFAULT]\nstate_path = {state}\n[consoled]\ntoken_clean_interval = 0.05\n",
+            f"[DEFAULT]\nstate_path = {state}\n[consoled]\ntoken_clean_interval = 0.05\n"
+            f"[vnc]\nnovncproxy_host = 127.0.0.1\nnovncproxy_port = {novnc_port}\n",
         )
         # A token that expired long ago, created through the CLI's code path.
         from consoled.store import Store
@@ -205,6 +211,9 @@ class DaemonTests(TestCase):
         engine.dispose()
 
         transport, twistd = yield self.run_daemon(config)
+        # The expired token is refused at the door, with its hash prefix in the log line.
+        status, _, _ = yield http_request(novnc_port, upgrade_request(f"/?token={issued.token}"))
+        self.assertEqual(status, 401)
         while b"deleted 1 expired console tokens" not in twistd.output:
             yield _later(0.05)
         transport.signalProcess("TERM")
@@ -214,6 +223,7 @@ class DaemonTests(TestCase):
         self.assertEqual(getattr(reason, "signal", None), signal.SIGTERM, text)
         self.assertIn("Server Shut Down", text)
         self.assertIn("store stopped", text)
+        self.assertIn(f"(token {issued.connect_info.hash_prefix})", text)
         self.assertNotIn(issued.token, text)
         self.assertTrue(os.path.exists(os.path.join(state, "consoled.sqlite")))
 

@@ -9,10 +9,11 @@ refuses the session (nova's old check let non-200 answers through).
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -86,6 +87,17 @@ class BackendProtocol(Protocol):
             self._relay.backend_lost(reason.getErrorMessage())
 
 
+def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """A direct endpoint for an IP literal (no resolver thread hop), else HostnameEndpoint."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 6:
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
 def connect_backend(
     reactor: Any, host: str, port: int, *, timeout: float, connect_path: str | None = None
 ) -> defer.Deferred[BackendProtocol]:
@@ -94,7 +106,7 @@ def connect_backend(
     Fails with a :class:`Refusal` whose kind says why: unreachable, timed
     out (connect and CONNECT exchange together within ``timeout``), refused.
     """
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = _endpoint(reactor, host, port, timeout)
     factory = Factory.forProtocol(lambda: BackendProtocol(connect_path))
     connecting = endpoint.connect(factory)
 

@@ -50,7 +50,8 @@ class ThreadRunner:
         while self._in_flight:
             waiting = [_observe(d) for d in list(self._in_flight)]
             yield defer.DeferredList(waiting, consumeErrors=True)
-        self._pool.stop()
+        if self._pool.started:
+            self._pool.stop()
 
 
 class InlineRunner:
