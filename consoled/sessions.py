@@ -117,10 +117,9 @@ class Sessions(Service):
     def _row_written(self, session_id: int, session: Session) -> None:
         session.id = session_id
         assert session.relay is not None
+        self._announce(session)
         if session.relay.ending is not None:
             self._finish(session, session.relay.ending)
-        else:
-            self._announce(session)
 
     def _row_failed(self, failure: Failure, session: Session) -> None:
         log.failure("cannot record a session", failure)
@@ -132,7 +131,8 @@ class Sessions(Service):
     def _backend_ready(self, protocol: BackendProtocol, session: Session) -> None:
         assert session.relay is not None
         session.relay.attach_backend(protocol)
-        self._announce(session)
+        if session.relay.ending is None:
+            self._announce(session)
 
     def _backend_failed(self, failure: Failure, session: Session) -> None:
         assert session.relay is not None
@@ -145,7 +145,7 @@ class Sessions(Service):
     def _announce(self, session: Session) -> None:
         """The start line, once the row is written and the console connected."""
         relay, info = session.relay, session.info
-        if session.id is None or relay is None or relay.backend is None or relay.ending:
+        if session.id is None or relay is None or relay.backend is None:
             return
         log.info(
             "session {session_id} started: {door} from {client} to {console_type} "

@@ -20,6 +20,9 @@ from consoled.store.tables import sessions as sessions_table
 from consoled.tokens import IssuedToken
 
 INSTANCE = "9b2c4f0e-3d1a-4c5b-8e7f-0a1b2c3d4e5f"
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: trial runs in its temp directory; the checkout's npm packages are here.
+XTERM_DIR = os.path.join(CHECKOUT, "node_modules", "@xterm", "xterm")
 
 
 def test_settings(**consoled: Any) -> Settings:
@@ -40,6 +43,7 @@ def test_settings(**consoled: Any) -> Settings:
                 "proxy_name": "test-proxy",
                 "token_clean_interval": 3600.0,
                 "xvp_host": "127.0.0.1",
+                "xterm_dir": XTERM_DIR,
                 **consoled,
             },
         ),
