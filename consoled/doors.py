@@ -20,6 +20,7 @@ from consoled.authorizer import Authorizer
 from consoled.config import Settings
 from consoled.frontends.web import door_site
 from consoled.frontends.websocket import ConsoleServerFactory, Door
+from consoled.frontends.xvp import XVPFactory
 from consoled.sessions import Sessions
 from consoled.tls import ReloadableServerTLS, reload_on_sighup, tls_factory
 
@@ -150,3 +151,20 @@ def websocket_doors(
         wrapped = tls_factory(site, tls, settings.default.ssl_only)
         doors.append(DoorService(name, f"websocket {name}", endpoint, wrapped))
     return doors
+
+
+def xvp_doors(
+    settings: Settings,
+    authorizer: Authorizer,
+    sessions: Sessions,
+    reactor: Any,
+    tls: ReloadableServerTLS | None = None,
+) -> list[DoorService]:
+    """The XVP (HTTP CONNECT) door for Java VNC viewers, when enabled."""
+    c = settings.consoled
+    if not c.xvp_enabled:
+        return []
+    factory = XVPFactory(authorizer, sessions, reactor, c.xvp_request_timeout)
+    endpoint = serverFromString(reactor, endpoint_string(c.xvp_host, c.xvp_port))
+    wrapped = tls_factory(factory, tls, settings.default.ssl_only)
+    return [DoorService("xvp", "XVP (HTTP CONNECT)", endpoint, wrapped)]

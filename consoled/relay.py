@@ -30,6 +30,9 @@ class ClientSide(Protocol):
     #: what pauses reading from the user when the hypervisor is slow
     producer: IPushProducer
 
+    def ready(self) -> None:
+        """The console is connected; relaying starts right after this returns."""
+
     def send(self, data: bytes) -> None: ...
 
     def close(self, ending: Ending) -> None: ...
@@ -80,6 +83,7 @@ class Relay:
             backend.transport.loseConnection()
             return
         self.backend = backend
+        self.client.ready()
         backend.attach(self)
         self.client.consumer.registerProducer(backend.transport, True)
         backend.transport.registerProducer(self.client.producer, True)

@@ -19,7 +19,7 @@ from twisted.python import usage
 
 from consoled.authorizer import Authorizer
 from consoled.config import ConfigError, Settings, load_settings
-from consoled.doors import CertificateReloader, websocket_doors
+from consoled.doors import CertificateReloader, websocket_doors, xvp_doors
 from consoled.sessions import Sessions
 from consoled.store import Store, open_store, schema
 from consoled.store.engine import describe_error, safe_url
@@ -165,7 +165,10 @@ def compose(
     tls = server_tls_from_settings(settings)
     if tls is not None:
         CertificateReloader(tls, reactor).setServiceParent(top)
-    for door in websocket_doors(settings, Authorizer(store), sessions, reactor, tls):
+    authorizer = Authorizer(store)
+    for door in websocket_doors(settings, authorizer, sessions, reactor, tls):
+        door.setServiceParent(top)
+    for door in xvp_doors(settings, authorizer, sessions, reactor, tls):
         door.setServiceParent(top)
     Announcer(
         reactor,

@@ -19,6 +19,7 @@ from consoled.frontends.websocket import CLOSE_CODES
 from tests import hypervisors
 from tests.harness import Consoled, test_settings
 from tests.wsclient import ws_connect
+from tests.xvpclient import xvp_connect
 
 
 class RelayBehaviourMixin:
@@ -218,3 +219,28 @@ class SpiceBehaviour(WebSocketDoor, RelayBehaviourMixin, TestCase):
 
 class SerialBehaviour(WebSocketDoor, RelayBehaviourMixin, TestCase):
     door, console_type = "serial", "serial"
+
+
+class XVPDoor:
+    """How a Java viewer reaches a console through the XVP door."""
+
+    def connect(self, port: int, token: str) -> defer.Deferred[Any]:
+        return xvp_connect(port, token)
+
+    def assert_told(self: Any, closed: Any, kind: Kind) -> None:
+        status, body = closed
+        if kind in (Kind.BACKEND_UNREACHABLE, Kind.BACKEND_REFUSED, Kind.BACKEND_TIMEOUT):
+            # Decided before the answer: a status line says why.
+            self.assertEqual(status, 502, body)
+            self.assertIn(kind.value.encode(), body)
+        else:
+            # After the 200 the stream is raw RFB: the connection just closes.
+            self.assertEqual(status, 200)
+
+
+class XVPBehaviour(XVPDoor, RelayBehaviourMixin, TestCase):
+    door, console_type = "xvp", "xvpvnc"
+
+
+class XVPWithNoVNCTokenBehaviour(XVPDoor, RelayBehaviourMixin, TestCase):
+    door, console_type = "xvp", "novnc"

@@ -13,31 +13,21 @@ from tests.peers import ExchangeFailed, tcp_exchange
 HOST = "127.0.0.1"
 
 
-class StreamClient(WebSocketClientProtocol):
-    """A websocket client that reads the relayed console as one byte stream."""
+class ByteReader:
+    """Reads a relayed console as one byte stream: ``read(n)``, ``read_until(marker)``."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.buffer = bytearray()
-        self.opened: defer.Deferred[StreamClient] = defer.Deferred()
-        self.closed: defer.Deferred[tuple[int | None, str | None]] = defer.Deferred()
-        self._waiter: tuple[Any, defer.Deferred[bytes]] | None = None
+    buffer: bytearray
+    _waiter: tuple[Any, defer.Deferred[bytes]] | None
 
-    def onOpen(self) -> None:
-        self.opened.callback(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.buffer += payload
+    def _received(self, data: bytes) -> None:
+        self.buffer += data
         self._check()
 
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if not self.opened.called:
-            self.opened.errback(ConnectionError(f"handshake failed: {reason}"))
+    def _fail_waiter(self, why: str) -> None:
         if self._waiter is not None:
             _, d = self._waiter
             self._waiter = None
-            d.errback(ExchangeFailed(f"closed ({code}, {reason})", bytes(self.buffer)))
-        self.closed.callback((code, reason))
+            d.errback(ExchangeFailed(why, bytes(self.buffer)))
 
     def _check(self) -> None:
         if self._waiter is None:
@@ -68,6 +58,29 @@ class StreamClient(WebSocketClientProtocol):
             return None if at < 0 else at + len(marker)
 
         return self._wait(take, timeout)
+
+
+class StreamClient(ByteReader, WebSocketClientProtocol):
+    """A websocket client that reads the relayed console as one byte stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffer = bytearray()
+        self._waiter = None
+        self.opened: defer.Deferred[StreamClient] = defer.Deferred()
+        self.closed: defer.Deferred[tuple[int | None, str | None]] = defer.Deferred()
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self._received(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"handshake failed: {reason}"))
+        self._fail_waiter(f"closed ({code}, {reason})")
+        self.closed.callback((code, reason))
 
     def send(self, data: bytes) -> None:
         self.sendMessage(data, isBinary=True)

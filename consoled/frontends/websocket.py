@@ -189,6 +189,9 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
     def producer(self) -> Any:
         return self.transport
 
+    def ready(self) -> None:
+        pass  # the websocket is already open
+
     def send(self, data: bytes) -> None:
         self.sendMessage(data, isBinary=True)
 

@@ -1,0 +1,253 @@
+"""The XVP door: Java VNC viewers through an HTTP CONNECT.
+
+The exchange (docs/xvp.md has the whole of it)::
+
+    client:  CONNECT /console?token=T HTTP/1.0\\r\\n      (or HTTP/1.1)
+             [header lines]\\r\\n
+             \\r\\n
+             [RFB bytes may follow at once]
+    consoled validates the token, connects to the hypervisor, then
+    server:  HTTP/1.1 200 OK\\r\\n\\r\\n
+             raw RFB both ways from here on
+
+Bytes the client sends after the blank line, before the answer, are kept
+and forwarded first, in order.  Refusals are a status line, a short
+plain-text body, then close:
+
+    400 malformed request line, or no token     405 a method other than CONNECT
+    401 unknown or expired token                 403 a token of another console type
+    408 request not complete in time             431 request head over 8 KiB
+    502 hypervisor unreachable, or its internal_access_path CONNECT not 200
+    503 token store unreachable, or consoled shutting down
+
+The protocol is a small state machine: ``reading`` the request head,
+``admitting`` (token, policy, hypervisor), ``relaying``, ``closed``.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from consoled.authorizer import Authorizer, log_refusal
+from consoled.endings import Ending, Kind, Refusal
+from consoled.policy import check_console_type
+from consoled.relay import Relay
+from consoled.sessions import Sessions
+from consoled.tokens import ConnectInfo
+
+log = Logger()
+
+#: Largest request head (request line and headers) accepted.
+MAX_HEAD = 8 * 1024
+
+#: Bytes the client may send ahead of the 200 answer before reading pauses.
+MAX_EARLY = 64 * 1024
+
+STATUS = {
+    Kind.BAD_REQUEST: 400,
+    Kind.NO_TOKEN: 400,
+    Kind.INVALID_TOKEN: 401,
+    Kind.WRONG_CONSOLE_TYPE: 403,
+    Kind.STORE_UNAVAILABLE: 503,
+    Kind.SHUTDOWN: 503,
+    Kind.BACKEND_UNREACHABLE: 502,
+    Kind.BACKEND_REFUSED: 502,
+    Kind.BACKEND_TIMEOUT: 502,
+    Kind.PORT_BUSY: 409,
+    Kind.INTERNAL: 500,
+}
+
+OK = b"HTTP/1.1 200 OK\r\n\r\n"
+
+
+class XVPProtocol(Protocol):
+    """One Java viewer's connection."""
+
+    factory: XVPFactory
+    state = "reading"
+    relay: Relay | None = None
+
+    def connectionMade(self) -> None:
+        self._head = b""
+        self._early: list[bytes] = []
+        self._early_size = 0
+        self.client_address = getattr(self.transport.getPeer(), "host", "?")
+        self._deadline: IDelayedCall | None = self.factory.clock.callLater(
+            self.factory.request_timeout, self._request_timed_out
+        )
+
+    # -- reading the request ------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "relaying":
+            assert self.relay is not None
+            self.relay.from_client(data)
+        elif self.state == "admitting":
+            self._hold(data)
+        elif self.state == "reading":
+            self._read_head(data)
+
+    def _read_head(self, data: bytes) -> None:
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_HEAD:
+                self._answer(431, "request head over 8 KiB", "head too large")
+            return
+        if end + 4 > MAX_HEAD:
+            self._answer(431, "request head over 8 KiB", "head too large")
+            return
+        head, rest = self._head[:end], self._head[end + 4 :]
+        self._head = b""
+        self._cancel_deadline()
+        self.state = "admitting"
+        if rest:
+            self._hold(rest)
+        try:
+            token = self._parse(head)
+        except _Answer as answer:
+            self._answer(answer.code, answer.text, answer.text)
+            return
+        self._admit(token)
+
+    def _parse(self, head: bytes) -> str:
+        lines = head.split(b"\r\n")
+        try:
+            request_line = lines[0].decode("ascii")
+        except UnicodeDecodeError:
+            raise _Answer(400, "malformed request line") from None
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            raise _Answer(400, "malformed request line")
+        method, target, version = parts
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            raise _Answer(400, "malformed request line")
+        if method != "CONNECT":
+            raise _Answer(405, "only CONNECT")
+        for line in lines[1:]:
+            name, colon, _ = line.partition(b":")
+            if not colon or not name.strip() or name != name.strip():
+                raise _Answer(400, "malformed header line")
+        query = urlsplit(target).query if target.startswith("/") else ""
+        token = (parse_qs(query).get("token") or [""])[0]
+        if not token:
+            raise _Answer(400, "no token in the request target")
+        return token
+
+    def _hold(self, data: bytes) -> None:
+        """Keep what the viewer sends before the answer; pause past a bound."""
+        self._early.append(data)
+        self._early_size += len(data)
+        if self._early_size > MAX_EARLY:
+            self.transport.pauseProducing()
+
+    # -- admission ---------------------------------------------------------
+
+    def _admit(self, token: str) -> None:
+        def admitted(info: ConnectInfo) -> None:
+            check_console_type(info, "xvp")
+            if self.state != "admitting":
+                return  # the viewer left while the token was checked
+            self.relay = self.factory.sessions.start(info, "xvp", self.client_address, self)
+            early, self._early = self._early, []
+            for chunk in early:
+                self.relay.from_client(chunk)
+
+        def refused(failure: Failure) -> None:
+            if not failure.check(Refusal):
+                log.failure("XVP admission failed", failure)
+                failure = Failure(Refusal(Kind.INTERNAL))
+            refusal = failure.value
+            log_refusal("xvp", self.client_address, refusal)
+            kind = refusal.ending.kind
+            self._answer(STATUS.get(kind, 400), str(refusal.ending), None)
+
+        d = self.factory.authorizer.validate(token).addCallback(admitted)
+        d.addErrback(refused)
+
+    def _answer(self, code: int, text: str, log_reason: str | None) -> None:
+        """A status line and a short body, then close; logged unless already logged."""
+        if self.state == "closed":
+            return
+        if log_reason is not None:
+            log.info(
+                "refused xvp connection from {client}: {reason}",
+                client=self.client_address,
+                reason=log_reason,
+            )
+        self.state = "closed"
+        self._cancel_deadline()
+        body = (text + "\n").encode("utf-8")
+        phrase = HTTPStatus(code).phrase
+        self.transport.write(
+            f"HTTP/1.1 {code} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii")
+            + body
+        )
+        self.transport.loseConnection()
+
+    def _request_timed_out(self) -> None:
+        self._deadline = None
+        if self.state == "reading":
+            self._answer(408, "request not complete in time", "request timeout")
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    # -- ClientSide, for the relay -----------------------------------------
+
+    @property
+    def consumer(self) -> Any:
+        return self.transport
+
+    @property
+    def producer(self) -> Any:
+        return self.transport
+
+    def ready(self) -> None:
+        self.transport.write(OK)
+        self.state = "relaying"
+        self.transport.resumeProducing()
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close(self, ending: Ending) -> None:
+        if self.state == "relaying":
+            self.state = "closed"
+            self.transport.loseConnection()
+        else:
+            self._answer(STATUS.get(ending.kind, 502), str(ending), None)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        previous, self.state = self.state, "closed"
+        self._cancel_deadline()
+        if self.relay is not None:
+            self.relay.client_lost("connection lost" if previous != "closed" else "")
+
+
+class _Answer(Exception):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+class XVPFactory(Factory):
+    protocol = XVPProtocol
+
+    def __init__(
+        self, authorizer: Authorizer, sessions: Sessions, clock: Any, request_timeout: float
+    ) -> None:
+        self.authorizer = authorizer
+        self.sessions = sessions
+        self.clock = clock
+        self.request_timeout = request_timeout
