@@ -148,7 +148,7 @@ def websocket_doors(
         )
         site = door_site(factory, web_dir, extra=extra, timeout=c.handshake_timeout)
         endpoint = serverFromString(reactor, endpoint_string(host, port))
-        wrapped = tls_factory(site, tls, settings.default.ssl_only)
+        wrapped = tls_factory(site, tls, settings.default.ssl_only, c.handshake_timeout)
         doors.append(DoorService(name, f"websocket {name}", endpoint, wrapped))
     return doors
 
@@ -166,5 +166,5 @@ def xvp_doors(
         return []
     factory = XVPFactory(authorizer, sessions, reactor, c.xvp_request_timeout)
     endpoint = serverFromString(reactor, endpoint_string(c.xvp_host, c.xvp_port))
-    wrapped = tls_factory(factory, tls, settings.default.ssl_only)
+    wrapped = tls_factory(factory, tls, settings.default.ssl_only, c.xvp_request_timeout)
     return [DoorService("xvp", "XVP (HTTP CONNECT)", endpoint, wrapped)]

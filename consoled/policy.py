@@ -91,8 +91,11 @@ def check_origin(
     """Refuse a browser whose Origin does not belong to this proxy."""
     if origin is None:
         return
-    parsed = urlparse(origin)
-    scheme, hostname = parsed.scheme.lower(), (parsed.hostname or "").lower()
+    try:
+        parsed = urlparse(origin)
+        scheme, hostname = parsed.scheme.lower(), (parsed.hostname or "").lower()
+    except ValueError:  # e.g. a malformed IPv6 literal
+        raise Refusal(Kind.ORIGIN_REFUSED, "Origin header not valid", info.hash_prefix) from None
     if forwarded_proto and is_trusted(peer, trusted_proxies):
         scheme = forwarded_proto.split(",")[0].strip().lower()
     if not scheme or not hostname:

@@ -253,18 +253,28 @@ class FirstByteDetector(Protocol):
     The inner protocol (TLS or plain) talks to the real transport itself, so
     writes, producers and pauseProducing need no help from here; only
     dataReceived and connectionLost pass through. A client that connects and
-    sends nothing waits forever here: the doors' handshake timeouts end it.
+    sends nothing is closed after the factory's ``first_byte_timeout``: no
+    door protocol exists yet to time it out.
     """
 
     inner: IProtocol | None = None
+    _timer: Any = None
 
     def __init__(self, factory: TLSOrPlainFactory, addr: IAddress) -> None:
         self.factory, self.addr = factory, addr
+
+    def connectionMade(self) -> None:
+        if self.factory.first_byte_timeout:
+            self._timer = self.factory.clock.callLater(
+                self.factory.first_byte_timeout, self.transport.abortConnection
+            )
 
     def dataReceived(self, data: bytes) -> None:
         if self.inner is None:
             if not data:
                 return
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
             chosen = self.factory.tls if data[0] == TLS_HANDSHAKE_RECORD else self.factory.plain
             self.inner = chosen.buildProtocol(self.addr)
             if self.inner is None:
@@ -274,6 +284,8 @@ class FirstByteDetector(Protocol):
         self.inner.dataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         if self.inner is not None:
             self.inner.connectionLost(reason)
 
@@ -281,9 +293,19 @@ class FirstByteDetector(Protocol):
 class TLSOrPlainFactory(Factory):
     """One port for both: TLS when the first byte starts a handshake, else plain."""
 
-    def __init__(self, wrapped: IProtocolFactory, tls: ReloadableServerTLS) -> None:
+    def __init__(
+        self,
+        wrapped: IProtocolFactory,
+        tls: ReloadableServerTLS,
+        first_byte_timeout: float = 0,
+        clock: Any = None,
+    ) -> None:
         self.plain = wrapped
         self.tls = TLSMemoryBIOFactory(tls, False, wrapped)
+        self.first_byte_timeout = first_byte_timeout
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
 
     def buildProtocol(self, addr: IAddress) -> FirstByteDetector:
         return FirstByteDetector(self, addr)
@@ -296,13 +318,20 @@ class TLSOrPlainFactory(Factory):
 
 
 def tls_factory(
-    wrapped: IProtocolFactory, tls: ReloadableServerTLS | None, ssl_only: bool
+    wrapped: IProtocolFactory,
+    tls: ReloadableServerTLS | None,
+    ssl_only: bool,
+    first_byte_timeout: float = 0,
 ) -> IProtocolFactory:
-    """wrapped behind TLS as configured: plain (tls None), TLS only, or either."""
+    """wrapped behind TLS as configured: plain (tls None), TLS only, or either.
+
+    On a shared port a client that sends nothing is closed after
+    ``first_byte_timeout`` seconds (0: never).
+    """
     if tls is None:
         if ssl_only:
             raise ValueError("ssl_only needs TLS: server_tls_from_settings never gives None then")
         return wrapped
     if ssl_only:
         return TLSMemoryBIOFactory(tls, False, wrapped)
-    return TLSOrPlainFactory(wrapped, tls)
+    return TLSOrPlainFactory(wrapped, tls, first_byte_timeout)

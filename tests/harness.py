@@ -43,6 +43,7 @@ def test_settings(**consoled: Any) -> Settings:
                 "proxy_name": "test-proxy",
                 "token_clean_interval": 3600.0,
                 "xvp_host": "127.0.0.1",
+                "xvp_port": 0,
                 "xterm_dir": XTERM_DIR,
                 **consoled,
             },

@@ -127,12 +127,6 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(relay.received, [b"bye"])
         self.assertEqual(len(relay.lost), 1)
 
-    test_lost_between_ready_and_attach.skip = (  # type: ignore[attr-defined]
-        "BUG consoled/backends/tcp.py BackendProtocol.connectionLost: a loss after ready fires "
-        "but before attach (Sessions.start waits for the session row) is dropped; the relay "
-        "never learns the backend is gone"
-    )
-
     def test_connect_timeout_is_timeout(self) -> None:
         """A TCP connect that never completes within timeout is BACKEND_TIMEOUT."""
         clock = MemoryReactorClock()
@@ -140,12 +134,6 @@ class ProtocolTests(SynchronousTestCase):
         connect_backend(clock, "192.0.2.1", 5900, timeout=5).addBoth(results.append)
         clock.advance(5)
         self.assertEqual(self.refusal(results).ending.kind, Kind.BACKEND_TIMEOUT)
-
-    test_connect_timeout_is_timeout.skip = (  # type: ignore[attr-defined]
-        "BUG consoled/backends/tcp.py connect_backend.explain: cancelling HostnameEndpoint "
-        "gives ConnectingCancelledError, which addTimeout does not convert, so a connect "
-        "timeout is reported as BACKEND_UNREACHABLE"
-    )
 
 
 class Hypervisor(Protocol):
@@ -166,6 +154,8 @@ class Hypervisor(Protocol):
 
 
 class ConnectBackendTests(TestCase):
+    timeout = 10
+
     def listen(self, answer: bytes | None, data: bytes = b"") -> tuple[int, defer.Deferred[None]]:
         closed = defer.Deferred[None]()
         factory = Factory.forProtocol(lambda: Hypervisor(answer, data, closed))

@@ -50,6 +50,7 @@ class TokenNeverLoggedTests(TestCase):
             self.assertIn(status, (401, 403))
         # Autobahn's own validation (no key) and a foreign Origin, token in the URL.
         yield http_request(port, upgrade_request(f"/websockify?token={live.token}", key=False))
+        yield http_request(port, upgrade_request(f"http://[::1/?token={live.token}"))
         yield http_request(
             port, upgrade_request(f"/?token={live.token}", extra="Origin: http://evil.example\r\n")
         )

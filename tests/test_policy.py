@@ -191,12 +191,6 @@ class OriginTests(SynchronousTestCase):
         for origin in ["http://[::1", "http://[zzz]", "http://]", "https://a]:443"]:
             self.refused(origin, host="[::1]:6080")
 
-    test_malformed_ipv6_origin_refused.skip = (  # type: ignore[attr-defined]
-        "BUG consoled/policy.py check_origin: urlparse(origin)/.hostname raise ValueError on "
-        "a malformed IPv6 literal; the websocket door then logs a traceback and answers as "
-        "STORE_UNAVAILABLE instead of ORIGIN_REFUSED"
-    )
-
     @given(
         st.one_of(
             st.text(max_size=40),
@@ -209,5 +203,3 @@ class OriginTests(SynchronousTestCase):
             self.check(origin)
         except Refusal as refusal:
             self.assertEqual(refusal.ending.kind, Kind.ORIGIN_REFUSED)
-
-    test_any_origin_passes_or_is_refused.skip = test_malformed_ipv6_origin_refused.skip  # type: ignore[attr-defined]

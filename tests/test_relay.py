@@ -11,7 +11,7 @@ from consoled.relay import Relay
 
 
 class FakeClient:
-    """The user's side: one StringTransport is both consumer and producer."""
+    """The user's side: one StringTransport is both consumer and producer; events in order."""
 
     def __init__(self) -> None:
         self.transport = StringTransport()
@@ -19,8 +19,13 @@ class FakeClient:
         self.producer = self.transport
         self.sent: list[bytes] = []
         self.closed: list[Ending] = []
+        self.events: list[str] = []
+
+    def ready(self) -> None:
+        self.events.append("ready")
 
     def send(self, data: bytes) -> None:
+        self.events.append("send")
         self.sent.append(data)
 
     def close(self, ending: Ending) -> None:
@@ -30,12 +35,15 @@ class FakeClient:
 class FakeBackend:
     """The hypervisor's side: a StringTransport and a record of attach calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: bytes = b"") -> None:
         self.transport = StringTransport()
         self.attached: list[Relay] = []
+        self.held = held
 
     def attach(self, relay: Relay) -> None:
         self.attached.append(relay)
+        if self.held:
+            relay.from_backend(self.held)
 
 
 class RelayTestCase(SynchronousTestCase):
@@ -65,6 +73,13 @@ class WiringTests(RelayTestCase):
         self.assertTrue(self.client.transport.streaming)
         self.assertIs(self.backend.transport.producer, self.client.producer)
         self.assertTrue(self.backend.transport.streaming)
+
+    def test_client_ready_before_console_bytes(self) -> None:
+        """The door hears ready once, before the console's first bytes are sent to the user."""
+        relay = self.relay()
+        relay.attach_backend(FakeBackend(held=b"RFB 003.008\n"))
+        self.assertEqual(self.client.events, ["ready", "send"])
+        self.assertEqual(self.client.sent, [b"RFB 003.008\n"])
 
     def test_early_bytes_held_then_delivered_in_order(self) -> None:
         """Bytes sent before the backend exists pause the user, then go out in order on attach."""
@@ -106,6 +121,7 @@ class WiringTests(RelayTestCase):
         self.assertEqual(self.backend.attached, [])
         self.assertIsNone(self.client.transport.producer)
         self.assertIsNone(relay.backend)
+        self.assertEqual(self.client.events, [])
 
 
 class TimerTests(RelayTestCase):

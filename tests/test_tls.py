@@ -457,3 +457,28 @@ class ReloadTests(ListenerMixin, TestCase):
         self.assertIn(self.files[1], str(errors[0]["error"]))
         client = await self.connect(self.port, trusting_ca())
         self.assertEqual((await client.handshake)[0], fingerprint(SERVER_A[0]))
+
+
+class FirstByteTimeoutTests(SynchronousTestCase):
+    def test_silent_client_is_closed(self) -> None:
+        """On a shared port a client that sends nothing is aborted after the timeout."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from consoled.tls import TLSOrPlainFactory
+
+        clock = Clock()
+        tls = ReloadableServerTLS(*write_pair(self, SERVER_A))
+        factory = TLSOrPlainFactory(EchoFactory(), tls, first_byte_timeout=5, clock=clock)
+        silent, talking = StringTransport(), StringTransport()
+        protocols = []
+        for transport in (silent, talking):
+            protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+            protocol.makeConnection(transport)
+            protocols.append(protocol)
+        protocols[1].dataReceived(b"hello")
+        clock.advance(5)
+        self.assertTrue(silent.disconnecting or getattr(silent, "aborting", False))
+        self.assertFalse(getattr(talking, "aborting", False))
+        self.assertEqual(clock.getDelayedCalls(), [])

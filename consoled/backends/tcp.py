@@ -35,6 +35,7 @@ class BackendProtocol(Protocol):
         self._head = b""
         self._held: list[bytes] = []
         self._relay: Any = None
+        self._lost: Failure | None = None
 
     def connectionMade(self) -> None:
         if self._connect_path is None:
@@ -78,6 +79,9 @@ class BackendProtocol(Protocol):
         held, self._held = self._held, []
         for chunk in held:
             relay.from_backend(chunk)
+        if self._lost is not None:
+            relay.backend_lost(self._lost.getErrorMessage())
+            return
         self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -85,6 +89,8 @@ class BackendProtocol(Protocol):
             self.ready.errback(Refusal(Kind.BACKEND_REFUSED, "closed before answering the CONNECT"))
         elif self._relay is not None:
             self._relay.backend_lost(reason.getErrorMessage())
+        else:
+            self._lost = reason  # ready but not attached yet: attach() passes it on
 
 
 def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
@@ -116,7 +122,13 @@ def connect_backend(
     def explain(failure: Failure) -> Failure:
         if failure.check(Refusal):
             return failure
-        if failure.check(defer.TimeoutError, defer.CancelledError, error.TimeoutError):
+        # addTimeout cancels the connect; endpoints then fail with ConnectingCancelledError.
+        if failure.check(
+            defer.TimeoutError,
+            defer.CancelledError,
+            error.TimeoutError,
+            error.ConnectingCancelledError,
+        ):
             raise Refusal(Kind.BACKEND_TIMEOUT, f"{host}:{port} after {timeout:g}s")
         raise Refusal(Kind.BACKEND_UNREACHABLE, f"{host}:{port}: {failure.getErrorMessage()}")
 

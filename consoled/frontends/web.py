@@ -13,9 +13,12 @@ import os
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.logger import Logger
 from twisted.web import http, resource, server, static
 
 from consoled.frontends.websocket import ConsoleServerFactory
+
+log = Logger()
 
 
 class _Refuse(resource.Resource):
@@ -105,10 +108,13 @@ def door_site(
     if web_dir and os.path.isdir(web_dir):
         files: resource.Resource = StaticFiles(web_dir)
     else:
+        log.warn("web directory {path} not found: no pages served here", path=web_dir)
         files = resource.Resource()
     for name, directory in (extra or {}).items():
         if os.path.isdir(directory):
             files.putChild(name, StaticFiles(directory))
+        else:
+            log.warn("directory {path} for /{name}/ not found", path=directory, name=name.decode())
     root = DoorRoot(WebSocketResource(factory), files)
     site = DoorSite(root, logFormatter=_access_line, timeout=timeout)
     site.displayTracebacks = False

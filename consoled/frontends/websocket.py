@@ -63,6 +63,9 @@ CLOSE_CODES = {
     Kind.BACKEND_REFUSED: 4506,
 }
 
+#: The largest websocket message accepted from a user.
+MAX_MESSAGE = 4 * 1024 * 1024
+
 _TOKENISH = re.compile(r"(token(?:=|%3D))[^&\s\"']*", re.IGNORECASE)
 
 
@@ -89,12 +92,17 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
     relay: Relay | None = None
     info: ConnectInfo | None = None
     client_address = "?"
+    #: set once consoled itself refused, so Autobahn's own refusals are told apart
+    _refusal: Refusal | None = None
+    #: the user left before the session could start (e.g. during the token check)
+    _gone = False
 
     def connectionMade(self) -> None:
         # Taken over from twisted.web: the HTTPChannel registered itself as the
         # transport's producer and never unregisters; the relay needs that slot.
         if getattr(self.transport, "producer", None) is not None:
             self.transport.unregisterProducer()
+        self.client_address = getattr(self.transport.getPeer(), "host", "?")
         super().connectionMade()
 
     # -- the opening handshake ---------------------------------------------
@@ -128,6 +136,7 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
                 log.failure("websocket admission failed", failure)
                 refusal = Refusal(Kind.STORE_UNAVAILABLE)
             log_refusal(door.name, self.client_address, refusal)
+            self._refusal = refusal
             status = HTTP_STATUS.get(refusal.ending.kind, 400)
             raise ConnectionDeny(status, str(refusal.ending))
 
@@ -135,7 +144,7 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """Answer a refused upgrade with a status line and a short plain-text body."""
-        if code not in HTTP_STATUS.values():
+        if self._refusal is None:
             # Autobahn's own validation: its reason may quote the request line.
             reason = redact(reason)
             log.info(
@@ -155,13 +164,15 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             f"Content-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n"
         )
-        self.wasNotCleanReason = reason
+        self.wasNotCleanReason = redact(reason)
         self.sendData(head.encode("ascii") + body)
         self.dropConnection(abort=False)
 
     # -- the session -------------------------------------------------------
 
     def onOpen(self) -> None:
+        if self._gone:
+            return  # Autobahn opens after a loss during onConnect's Deferred
         try:
             assert self.info is not None
             self.relay = self.factory.door.sessions.start(
@@ -169,13 +180,14 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             )
         except Exception:
             log.failure("could not start a session")
-            self.sendClose(1011, "internal error")
+            self.close(Ending(Kind.INTERNAL))
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.relay is not None:
             self.relay.from_client(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._gone = True
         if self.relay is not None:
             self.relay.client_lost(f"close code {code}" if code else "connection lost")
 
@@ -213,10 +225,11 @@ class ConsoleServerFactory(WebSocketServerFactory):
             closeHandshakeTimeout=5,
             autoPingInterval=ping_interval or None,
             autoPingTimeout=max(ping_interval, 10) if ping_interval else None,
-            # Consoles speak their own framing; one message may carry a whole
-            # framebuffer update.  Autobahn must not refuse them.
-            maxMessagePayloadSize=0,
-            maxFramePayloadSize=0,
+            # Autobahn buffers a message whole before onMessage: bound it.  What
+            # browsers send a console is small (keys, pointer, SPICE messages);
+            # past this the connection closes with 1009 (message too big).
+            maxMessagePayloadSize=MAX_MESSAGE,
+            maxFramePayloadSize=MAX_MESSAGE,
         )
         self.server = "consoled"
 
