@@ -23,7 +23,7 @@ from consoled.doors import CertificateReloader, websocket_doors, xvp_doors
 from consoled.sessions import Sessions
 from consoled.store import Store, open_store, schema
 from consoled.store.engine import describe_error, safe_url
-from consoled.timers import clean_expired_tokens, duty
+from consoled.timers import clean_expired_tokens, duty, end_lost_sessions
 from consoled.tls import TLSError, server_tls_from_settings
 
 log = Logger()
@@ -151,6 +151,7 @@ def compose(
         connect_timeout=settings.consoled.connect_timeout,
         idle_timeout=settings.consoled.idle_timeout,
         enforce_session_timeout=settings.consoleauth.enforce_session_timeout,
+        lease_seconds=settings.consoled.lease_seconds,
         clock=clock,
     )
     sessions.setServiceParent(top)
@@ -161,6 +162,13 @@ def compose(
         clean_expired_tokens,
         store,
         settings.consoled.token_clean_batch,
+    ).setServiceParent(top)
+    duty(
+        "session-janitor",
+        settings.consoled.lease_seconds,
+        end_lost_sessions,
+        store,
+        3 * settings.consoled.lease_seconds,
     ).setServiceParent(top)
     tls = server_tls_from_settings(settings)
     if tls is not None:

@@ -8,6 +8,8 @@ on a timer and, on shut-down, ends every session and waits for the rows.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -29,6 +31,7 @@ class Session:
     """One user's console session, from acceptance to its row's end."""
 
     __slots__ = (
+        "holds_lease",
         "id",
         "info",
         "door",
@@ -46,10 +49,29 @@ class Session:
         self.client_address = client_address
         self.started = started
         self.relay: Relay | None = None
+        #: a serial session's one-writer lease, released with its row
+        self.holds_lease = False
         #: the hypervisor connection being made, cancelled if the session ends first
         self.connecting: defer.Deferred[Any] | None = None
         #: fires when the row has been ended (or ending it failed and was logged)
         self.finished: defer.Deferred[None] = defer.Deferred()
+
+
+#: Console types with one writer at a time (a serial chardev serves one client).
+LEASED_TYPES = frozenset({"serial"})
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A session decided before its door answers: its row, and its lease if leased."""
+
+    session_id: int
+    info: ConnectInfo
+    holds_lease: bool
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 class Sessions(Service):
@@ -64,8 +86,10 @@ class Sessions(Service):
         connect_timeout: float = 10,
         idle_timeout: float = 0,
         enforce_session_timeout: bool = False,
+        lease_seconds: float = 30,
         clock: IReactorTime | None = None,
     ) -> None:
+        self._lease_seconds = lease_seconds
         self._store = store
         self._reactor = reactor
         self._clock = clock or reactor
@@ -77,8 +101,65 @@ class Sessions(Service):
         #: ended sessions whose rows are still being written
         self._closing: set[Session] = set()
 
-    def start(self, info: ConnectInfo, door: str, client_address: str, client: ClientSide) -> Relay:
-        """Relay ``client`` to the console ``info`` names; returns the relay at once."""
+    def admit(self, info: ConnectInfo, door: str, client_address: str) -> defer.Deferred[Admission]:
+        """Write the row and take the lease of a leased console, before the door answers.
+
+        Fails with a :class:`Refusal` (``PORT_BUSY``, naming since when the
+        port is held) when another session writes to the port; that attempt's
+        row is ended as refused.  Other console types need no admission.
+        """
+        row = self._store.open_session(
+            info=info, door=door, client_address=client_address, proxy=self.proxy
+        )
+
+        def lease(session_id: int) -> defer.Deferred[Admission]:
+            d = self._store.acquire_lease(
+                host=info.host,
+                port=info.port,
+                session_id=session_id,
+                proxy=self.proxy,
+                lease_seconds=self._lease_seconds,
+            )
+            return d.addCallback(decide, session_id)
+
+        def decide(holder: dict[str, Any] | None, session_id: int) -> Any:
+            if holder is None:
+                return Admission(session_id, info, True)
+            since = _utc(holder["acquired_at"])
+            refusal = Refusal(Kind.PORT_BUSY, f"held since {since}", info.hash_prefix)
+            ended = self._store.end_session(
+                session_id, reason=str(refusal.ending), bytes_to_client=0, bytes_to_server=0
+            )
+            return ended.addCallback(lambda _: defer.fail(refusal))
+
+        def unavailable(failure: Failure) -> Failure:
+            if not failure.check(Refusal):
+                log.failure("cannot admit a session", failure)
+                return Failure(Refusal(Kind.STORE_UNAVAILABLE, hash_prefix=info.hash_prefix))
+            return failure
+
+        return row.addCallback(lease).addErrback(unavailable)
+
+    def release(self, admission: Admission, reason: str) -> defer.Deferred[None]:
+        """Give back an admission whose session never started (the user left)."""
+        d = self._store.end_session_and_release(
+            admission.session_id, reason=reason, bytes_to_client=0, bytes_to_server=0
+        )
+        return d.addErrback(lambda f: log.failure("releasing an admission failed", f))
+
+    def start(
+        self,
+        info: ConnectInfo,
+        door: str,
+        client_address: str,
+        client: ClientSide,
+        admission: Admission | None = None,
+    ) -> Relay:
+        """Relay ``client`` to the console ``info`` names; returns the relay at once.
+
+        A leased console's door may have admitted it already; if not, the
+        admission happens here first and a busy port ends the relay.
+        """
         session = Session(info, door, client_address, self._clock.seconds())
         deadline = float(info.expires) if self._enforce_session_timeout else None
         relay = Relay(
@@ -91,16 +172,44 @@ class Sessions(Service):
         session.relay = relay
         self.live.add(session)
         if not self.running:
+            if admission is not None:
+                self.release(admission, Ending(Kind.SHUTDOWN).kind.value)
             relay.end(Ending(Kind.SHUTDOWN))
             return relay
+        if admission is not None:
+            self._admitted(admission, session)
+        elif info.console_type in LEASED_TYPES:
+            admitting = self.admit(info, door, client_address)
+            admitting.addCallbacks(
+                self._admitted, self._admission_failed, (session,), None, (session,)
+            )
+        else:
+            # The row and the hypervisor connection proceed side by side; each
+            # settles on its own, so a row written after the session already
+            # ended is still ended, and relaying starts without waiting for it.
+            row = self._store.open_session(
+                info=info, door=door, client_address=client_address, proxy=self.proxy
+            )
+            row.addCallbacks(self._row_written, self._row_failed, (session,), None, (session,))
+            self._connect(session)
+        return relay
 
-        # The row and the hypervisor connection proceed side by side; each
-        # settles on its own, so a row written after the session already
-        # ended is still ended, and relaying starts without waiting for it.
-        row = self._store.open_session(
-            info=info, door=door, client_address=client_address, proxy=self.proxy
-        )
-        row.addCallbacks(self._row_written, self._row_failed, (session,), None, (session,))
+    def _admitted(self, admission: Admission, session: Session) -> None:
+        session.holds_lease = admission.holds_lease
+        self._row_written(admission.session_id, session)
+        assert session.relay is not None
+        if session.relay.ending is None:
+            self._connect(session)
+
+    def _admission_failed(self, failure: Failure, session: Session) -> None:
+        assert session.relay is not None
+        ending = failure.value.ending if failure.check(Refusal) else Ending(Kind.INTERNAL)
+        session.relay.end(ending)
+        self.live.discard(session)
+        session.finished.callback(None)
+
+    def _connect(self, session: Session) -> None:
+        info = session.info
         backend = connect_backend(
             self._reactor,
             info.host,
@@ -112,7 +221,6 @@ class Sessions(Service):
         backend.addCallbacks(
             self._backend_ready, self._backend_failed, (session,), None, (session,)
         )
-        return relay
 
     def _row_written(self, session_id: int, session: Session) -> None:
         session.id = session_id
@@ -185,7 +293,10 @@ class Sessions(Service):
             to_server=relay.bytes_to_server,
             hash_prefix=session.info.hash_prefix,
         )
-        d = self._store.end_session(
+        end = (
+            self._store.end_session_and_release if session.holds_lease else self._store.end_session
+        )
+        d = end(
             session.id,
             reason=str(ending),
             bytes_to_client=relay.bytes_to_client,
@@ -210,14 +321,29 @@ class Sessions(Service):
     # -- timers and shut-down ----------------------------------------------
 
     def touch(self) -> defer.Deferred[None]:
-        """Renew the rows of this proxy's live sessions in one statement."""
+        """Renew this proxy's rows and leases; close the sessions an operator kicked."""
         counters = [
             (s.id, s.relay.bytes_to_client, s.relay.bytes_to_server)
             for s in self.live
             if s.id is not None and s.relay is not None
         ]
-        d = self._store.touch_sessions(counters)
+        d = self._store.touch(counters, proxy=self.proxy, lease_seconds=self._lease_seconds)
+        d.addCallback(self._act_on_kicks)
         return d.addErrback(lambda f: log.failure("touching live sessions failed", f))
+
+    def _act_on_kicks(self, kicks: list[dict[str, Any]]) -> None:
+        by_id = {s.id: s for s in self.live}
+        for kick in kicks:
+            session = by_id.get(kick["id"])
+            if session is None or session.relay is None:
+                continue
+            reason = kick["kick_reason"] or ""
+            log.info(
+                "session {session_id} kicked by an operator: {reason}",
+                session_id=session.id,
+                reason=reason or "-",
+            )
+            session.relay.end(Ending(Kind.KICKED, reason))
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()

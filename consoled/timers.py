@@ -31,6 +31,19 @@ def clean_expired_tokens(store: Store, batch: int) -> defer.Deferred[None]:
     return store.clean_expired(batch).addCallbacks(report, failed)
 
 
+def end_lost_sessions(store: Store, silent_for: float) -> defer.Deferred[None]:
+    """End the rows of sessions whose proxy stopped touching them (it died)."""
+
+    def report(count: int) -> None:
+        if count:
+            log.info("ended {count} session row(s) of a lost proxy", count=count)
+
+    def failed(failure: Any) -> None:
+        log.failure("ending lost sessions failed; next period tries again", failure)
+
+    return store.end_lost_sessions(silent_for).addCallbacks(report, failed)
+
+
 def duty(
     name: str, interval: float, f: Any, *args: Any, clock: IReactorTime | None = None
 ) -> TimerService:

@@ -6,7 +6,8 @@ Wire summary (docs/websocket.md has the whole table):
   parameter, else the ``token`` cookie.
 - Refused before the 101 answer with a plain-text body: 400 bad handshake,
   401 no/unknown/expired token, 403 Origin not allowed or a token for another
-  door's console type, 503 token store unavailable.
+  door's console type, 409 serial port in use (with since when), 503 token
+  store unavailable.
 - The ``binary`` subprotocol is chosen when offered; none is fine too.
 - After the upgrade a session ends with a close code: 1000 console closed,
   1001 proxy shutting down, 1011 internal error, 4401 token expired,
@@ -35,7 +36,7 @@ from consoled.authorizer import Authorizer, log_refusal
 from consoled.endings import Ending, Kind, Refusal
 from consoled.policy import Network, check_console_type, check_origin, is_trusted, token_from
 from consoled.relay import Relay
-from consoled.sessions import Sessions
+from consoled.sessions import LEASED_TYPES, Admission, Sessions
 from consoled.tokens import ConnectInfo
 
 log = Logger()
@@ -96,6 +97,8 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
     _refusal: Refusal | None = None
     #: the user left before the session could start (e.g. during the token check)
     _gone = False
+    #: a serial console's row and lease, taken before the upgrade
+    _admission: Admission | None = None
 
     def connectionMade(self) -> None:
         # Taken over from twisted.web: the HTTPChannel registered itself as the
@@ -127,6 +130,18 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
                 trusted_proxies=door.trusted_proxies,
             )
             self.info = info
+            if info.console_type not in LEASED_TYPES:
+                return subprotocol()
+            admitting = door.sessions.admit(info, f"websocket/{door.name}", self.client_address)
+            return admitting.addCallback(admitted)
+
+        def admitted(admission: Admission) -> str | None:
+            self._admission = admission
+            if self._gone:
+                door.sessions.release(admission, "client left before the session started")
+            return subprotocol()
+
+        def subprotocol() -> str | None:
             return "binary" if "binary" in request.protocols else None
 
         def refuse(failure: Failure) -> None:
@@ -176,7 +191,11 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
         try:
             assert self.info is not None
             self.relay = self.factory.door.sessions.start(
-                self.info, f"websocket/{self.factory.door.name}", self.client_address, self
+                self.info,
+                f"websocket/{self.factory.door.name}",
+                self.client_address,
+                self,
+                self._admission,
             )
         except Exception:
             log.failure("could not start a session")
@@ -188,6 +207,11 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._gone = True
+        if self.relay is None and self._admission is not None:
+            self.factory.door.sessions.release(
+                self._admission, "client left before the session started"
+            )
+            self._admission = None
         if self.relay is not None:
             self.relay.client_lost(f"close code {code}" if code else "connection lost")
 
