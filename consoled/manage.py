@@ -7,6 +7,8 @@
     consoled-manage token list [--instance UUID] [--host H]
     consoled-manage token revoke --instance UUID
     consoled-manage token clean
+    consoled-manage session list [--all]
+    consoled-manage session kick ID | --instance UUID [--reason TEXT]
 
 Every failure is one line on stderr and a non-zero exit: 2 for a bad
 command line or configuration, 1 for a database that cannot be used.
@@ -107,7 +109,33 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = token.add_parser("revoke", help="delete every token of an instance")
     revoke.add_argument("--instance", required=True, type=_uuid)
     token.add_parser("clean", help="delete expired tokens")
+
+    session = area.add_parser("session", help="console sessions").add_subparsers(
+        dest="command", required=True
+    )
+    slist = session.add_parser("list", help="live sessions (with --all, ended ones too)")
+    slist.add_argument("--all", action="store_true")
+    kick = session.add_parser("kick", help="close sessions, whichever proxy holds them")
+    which = kick.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", type=_session_id)
+    which.add_argument("--instance", type=_uuid)
+    kick.add_argument("--reason", default="")
     return parser
+
+
+def _session_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a session id")
+    return int(text)
+
+
+def _seconds(value: float) -> str:
+    value = int(value)
+    return (
+        f"{value // 3600}h{value % 3600 // 60:02d}m"
+        if value >= 3600
+        else f"{value // 60}m{value % 60:02d}s"
+    )
 
 
 def _describe(info: ConnectInfo, now: float) -> list[tuple[str, Any]]:
@@ -146,7 +174,9 @@ def run(
     else:
         yield store.check_schema()
     now = store.clock.seconds()
-    if args.command == "create":
+    if args.area == "session":
+        yield _session_command(args, store, now, out)
+    elif args.command == "create":
         issued = yield store.authorize(
             console_type=args.console_type,
             host=args.host,
@@ -180,6 +210,36 @@ def run(
     elif args.command == "clean":
         count = yield store.clean_expired(settings.consoled.token_clean_batch)
         out.write(f"deleted {count} expired token(s)\n")
+
+
+@defer.inlineCallbacks
+def _session_command(args: argparse.Namespace, store: Store, now: float, out: Any) -> Any:
+    if args.command == "list":
+        rows = yield store.list_sessions(live=not args.all)
+        out.write(
+            f"{'ID':>6}  {'INSTANCE':<36}  {'TYPE':<11}  {'CONSOLE':<21}  {'CLIENT':<15}  "
+            f"{'PROXY':<16}  {'SINCE':<20}  {'IDLE':>6}  {'TO CLIENT':>10}  {'TO CONSOLE':>10}"
+            f"{'  ENDED' if args.all else ''}\n"
+        )
+        for row in rows:
+            console = f"{row['host']}:{row['port']}"
+            ended = f"  {row['end_reason'] or ''}" if args.all else ""
+            out.write(
+                f"{row['id']:>6}  {row['instance_uuid']:<36}  {row['console_type']:<11}  "
+                f"{console:<21}  {row['client_address']:<15}  {row['proxy']:<16}  "
+                f"{_iso(row['started_at']):<20}  {_seconds(now - row['touched_at']):>6}  "
+                f"{row['bytes_to_client']:>10}  {row['bytes_to_server']:>10}{ended}\n"
+            )
+        return
+    count = yield store.request_kick(
+        session_id=args.id, instance_uuid=args.instance, reason=args.reason
+    )
+    if count == 0:
+        raise CommandError("no live session matched")
+    out.write(
+        f"asked {count} session(s) to close; the proxy holding each closes it "
+        "within one touch period\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

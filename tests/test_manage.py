@@ -24,7 +24,7 @@ INSTANCE = "9b2c4f0e-3d1a-4c5b-8e7f-0a1b2c3d4e5f"
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class CommandTests(SynchronousTestCase):
+class CommandBase(SynchronousTestCase):
     """The commands against a real SQLite store, in process."""
 
     def setUp(self) -> None:
@@ -55,6 +55,8 @@ class CommandTests(SynchronousTestCase):
             *extra,
         ).strip()
 
+
+class CommandTests(CommandBase):
     def test_create_prints_novnc_url(self) -> None:
         """token create prints nova's noVNC access URL built on [vnc] novncproxy_base_url."""
         url = self.create("--type", "novnc")
@@ -225,3 +227,38 @@ class EmbeddedDefaultTests(SynchronousTestCase):
         self.assertTrue(embedded)
         self.assertEqual(store.engine.url.database, os.path.join(state, "consoled.sqlite"))
         store.engine.dispose()
+
+
+class SessionCommandTests(CommandBase):
+    """session list and kick, against rows a proxy wrote."""
+
+    def open_row(self, instance: str = INSTANCE) -> int:
+        info = self.successResultOf(
+            self.store.lookup(self.create("--type", "serial").split("token=")[1])
+        )
+        return self.successResultOf(
+            self.store.open_session(
+                info=info, door="serial-tcp", client_address="192.0.2.7", proxy="px"
+            )
+        )
+
+    def test_list_and_kick(self) -> None:
+        """list shows live sessions; kick by id marks one; kick of nothing is an error."""
+        first, second = self.open_row(), self.open_row()
+        listing = self.manage("session", "list")
+        self.assertIn("192.0.2.7", listing)
+        self.assertEqual(len(listing.strip().splitlines()), 3)
+        self.assertIn(
+            "asked 1 session(s)", self.manage("session", "kick", str(first), "--reason", "x")
+        )
+        kicks = self.successResultOf(self.store.touch([], proxy="px", lease_seconds=30))
+        self.assertEqual([(k["id"], k["kick_reason"]) for k in kicks], [(first, "x")])
+        self.assertIn("asked 2 session(s)", self.manage("session", "kick", "--instance", INSTANCE))
+        self.successResultOf(
+            self.store.end_session(second, reason="done", bytes_to_client=1, bytes_to_server=2)
+        )
+        self.assertEqual(len(self.manage("session", "list").strip().splitlines()), 2)
+        self.assertIn("done", self.manage("session", "list", "--all"))
+        args = build_parser().parse_args(["session", "kick", "999"])
+        failure = self.failureResultOf(run(args, self.settings, self.store, False, io.StringIO()))
+        failure.trap(CommandError)

@@ -201,3 +201,89 @@ class ThreadRunnerTests(TestCase):
         reactor.callLater(0, release.set)
         yield stopped
         self.assertEqual(results, ["done"])
+
+
+class LeaseTestsMixin:
+    """The serial port lease on every backend."""
+
+    backend: str
+
+    def setUp(self: Any) -> None:
+        self.engine = make_engine(fresh_database(self, self.backend))
+        self.addCleanup(self.engine.dispose)
+        schema.upgrade(self.engine)
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.store = Store(self.engine, InlineRunner(), self.clock)
+
+    def acquire(self: Any, session_id: int, proxy: str = "a") -> Any:
+        return self.successResultOf(
+            self.store.acquire_lease(
+                host="compute-1", port=10000, session_id=session_id, proxy=proxy, lease_seconds=30
+            )
+        )
+
+    def test_one_holder(self: Any) -> None:
+        """The first taker holds the port; the second learns who holds it since when."""
+        self.assertIsNone(self.acquire(1))
+        self.clock.advance(5)
+        holder = self.acquire(2, proxy="b")
+        self.assertEqual((holder["session_id"], holder["proxy"]), (1, "a"))
+        self.assertEqual(holder["acquired_at"], NOW)
+
+    def test_lapsed_lease_is_taken_over(self: Any) -> None:
+        """A lease not renewed within its period (a proxy that died) is free again."""
+        self.assertIsNone(self.acquire(1))
+        self.clock.advance(31)
+        self.assertIsNone(self.acquire(2, proxy="b"))
+        self.assertEqual(self.acquire(3)["session_id"], 2)
+
+    def test_touch_renews_and_end_releases(self: Any) -> None:
+        """Upkeep renews a proxy's leases; ending the row releases its lease at once."""
+        self.assertIsNone(self.acquire(1))
+        self.clock.advance(25)
+        self.successResultOf(self.store.touch([], proxy="a", lease_seconds=30))
+        self.clock.advance(25)
+        self.assertIsNotNone(self.acquire(2, proxy="b"))  # renewed: still held
+        self.successResultOf(
+            self.store.end_session_and_release(1, reason="x", bytes_to_client=0, bytes_to_server=0)
+        )
+        self.assertIsNone(self.acquire(2, proxy="b"))
+
+    def test_concurrent_takers_one_wins(self: Any) -> None:
+        """Eight threads racing for a free port: exactly one gets it."""
+        import threading
+
+        results: list[Any] = []
+        barrier = threading.Barrier(8)
+        engine = make_engine(str(self.engine.url.render_as_string(hide_password=False)))
+        self.addCleanup(engine.dispose)
+        racer = Store(engine, InlineRunner(), self.clock)
+
+        def take(session_id: int) -> None:
+            barrier.wait()
+            d = racer.acquire_lease(
+                host="h", port=1, session_id=session_id, proxy=f"p{session_id}", lease_seconds=30
+            )
+            d.addBoth(results.append)
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(1, 9)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(len(results), 8, results)
+        winners = [r for r in results if r is None]
+        self.assertEqual(len(winners), 1, results)
+
+
+class SQLiteLeaseTests(LeaseTestsMixin, SynchronousTestCase):
+    backend = "sqlite"
+
+
+class PostgreSQLLeaseTests(LeaseTestsMixin, SynchronousTestCase):
+    backend = "postgresql"
+
+
+class MariaDBLeaseTests(LeaseTestsMixin, SynchronousTestCase):
+    backend = "mariadb"

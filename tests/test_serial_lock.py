@@ -1,0 +1,80 @@
+"""One writer per serial port: a second user is refused, a kick frees the port."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from tests import hypervisors
+from tests.harness import Consoled, test_settings
+from tests.wsclient import http_request, upgrade_request, ws_connect
+
+
+class SerialLockTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.consoled = Consoled(self, test_settings())
+        self.port = self.consoled.port("serial")
+        self.echo = hypervisors.serve(self, hypervisors.Echo)
+
+    @defer.inlineCallbacks
+    def token(self) -> Any:
+        issued = yield self.consoled.authorize("serial", "127.0.0.1", self.echo.port)
+        return issued.token
+
+    @defer.inlineCallbacks
+    def test_second_user_refused_until_first_leaves(self) -> Any:
+        """While one user holds the port another gets 409 naming since when; then it is free."""
+        first = yield ws_connect(self.port, (yield self.token()))
+        first.send(b"a")
+        yield first.read(1)
+        status, _, body = yield http_request(
+            self.port, upgrade_request(f"/?token={(yield self.token())}")
+        )
+        self.assertEqual(status, 409)
+        self.assertIn(b"console port in use: held since", body)
+        first.sendClose(1000)
+        yield first.closed
+        yield self.consoled.wait_sessions_ended()
+        second = yield ws_connect(self.port, (yield self.token()))
+        second.send(b"b")
+        self.assertEqual((yield second.read(1)), b"b")
+        second.sendClose(1000)
+        yield second.closed
+        rows = self.consoled.session_rows()
+        self.assertEqual(len(rows), 3)
+        self.assertTrue(rows[1]["end_reason"].startswith("console port in use"), rows[1])
+
+    @defer.inlineCallbacks
+    def test_kick_closes_and_frees_the_port(self) -> Any:
+        """A kick marked in the database closes the session at the next touch, with the reason."""
+        first = yield ws_connect(self.port, (yield self.token()))
+        first.send(b"a")
+        yield first.read(1)
+        (row,) = self.consoled.session_rows()
+        count = yield self.consoled.store.request_kick(session_id=row["id"], reason="maintenance")
+        self.assertEqual(count, 1)
+        yield self.consoled.sessions.touch()
+        code, reason = yield first.closed
+        self.assertEqual((code, reason), (4409, "disconnected by an operator: maintenance"))
+        yield self.consoled.wait_sessions_ended()
+        second = yield ws_connect(self.port, (yield self.token()))
+        second.sendClose(1000)
+        yield second.closed
+        rows = self.consoled.session_rows()
+        self.assertEqual(rows[0]["end_reason"], "disconnected by an operator: maintenance")
+
+    @defer.inlineCallbacks
+    def test_lapsed_lease_of_a_dead_proxy(self) -> Any:
+        """A lease its proxy stopped renewing does not block the port."""
+        yield self.consoled.store.acquire_lease(
+            host="127.0.0.1", port=self.echo.port, session_id=999, proxy="dead", lease_seconds=-1
+        )
+        client = yield ws_connect(self.port, (yield self.token()))
+        client.send(b"z")
+        self.assertEqual((yield client.read(1)), b"z")
+        client.sendClose(1000)
+        yield client.closed
