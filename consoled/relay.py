@@ -61,6 +61,8 @@ class Relay:
         self.bytes_to_client = 0
         self.bytes_to_server = 0
         self.ending: Ending | None = None
+        #: sees every chunk on its way to the user (serial recording)
+        self.tap: Callable[[bytes], None] | None = None
         self._clock = clock
         self._on_end = on_end
         self._pending: list[bytes] = []
@@ -107,6 +109,8 @@ class Relay:
     def from_backend(self, data: bytes) -> None:
         self.bytes_to_client += len(data)
         self._last_traffic = self._clock.seconds()
+        if self.tap is not None:
+            self.tap(data)
         self.client.send(data)
 
     # -- endings ------------------------------------------------------------

@@ -20,6 +20,7 @@ from twisted.python import usage
 from consoled.authorizer import Authorizer
 from consoled.config import ConfigError, Settings, load_settings
 from consoled.doors import CertificateReloader, websocket_doors, xvp_doors
+from consoled.recording import Recorder
 from consoled.sessions import Sessions
 from consoled.store import Store, open_store, schema
 from consoled.store.engine import describe_error, safe_url
@@ -117,6 +118,16 @@ def proxy_name(settings: Settings) -> str:
     return settings.consoled.proxy_name or f"{socket.gethostname()}:{os.getpid()}"
 
 
+def recorder_from_settings(settings: Settings, reactor: Any) -> Recorder | None:
+    """Serial console logs in [consoled] record_dir, else nova's [DEFAULT] record as a directory."""
+    directory = settings.consoled.record_dir or settings.default.record
+    if not directory:
+        return None
+    return Recorder(
+        directory, settings.consoled.record_max_bytes, settings.consoled.record_max_files, reactor
+    )
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
@@ -152,6 +163,7 @@ def compose(
         idle_timeout=settings.consoled.idle_timeout,
         enforce_session_timeout=settings.consoleauth.enforce_session_timeout,
         lease_seconds=settings.consoled.lease_seconds,
+        recorder=recorder_from_settings(settings, reactor),
         clock=clock,
     )
     sessions.setServiceParent(top)

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from consoled.backends.tcp import BackendProtocol, connect_backend
 from consoled.endings import Ending, Kind, Refusal
+from consoled.recording import Recorder, Recording
 from consoled.relay import ClientSide, Relay
 from consoled.store import Store
 from consoled.tokens import ConnectInfo
@@ -32,6 +33,7 @@ class Session:
 
     __slots__ = (
         "holds_lease",
+        "recording",
         "id",
         "info",
         "door",
@@ -51,6 +53,8 @@ class Session:
         self.relay: Relay | None = None
         #: a serial session's one-writer lease, released with its row
         self.holds_lease = False
+        #: the console's capped log, for recorded (serial) sessions
+        self.recording: Recording | None = None
         #: the hypervisor connection being made, cancelled if the session ends first
         self.connecting: defer.Deferred[Any] | None = None
         #: fires when the row has been ended (or ending it failed and was logged)
@@ -87,8 +91,10 @@ class Sessions(Service):
         idle_timeout: float = 0,
         enforce_session_timeout: bool = False,
         lease_seconds: float = 30,
+        recorder: Recorder | None = None,
         clock: IReactorTime | None = None,
     ) -> None:
+        self._recorder = recorder
         self._lease_seconds = lease_seconds
         self._store = store
         self._reactor = reactor
@@ -241,6 +247,19 @@ class Sessions(Service):
         session.relay.attach_backend(protocol)
         if session.relay.ending is None:
             self._announce(session)
+            self._record(session)
+
+    def _record(self, session: Session) -> None:
+        info, relay = session.info, session.relay
+        if self._recorder is None or info.console_type not in LEASED_TYPES or relay is None:
+            return
+        recording = self._recorder.open(info.host, info.port)
+        recording.event(
+            f"attach {session.client_address} via {session.door} "
+            f"(session {session.id if session.id is not None else '?'})"
+        )
+        session.recording = recording
+        relay.tap = recording.output
 
     def _backend_failed(self, failure: Failure, session: Session) -> None:
         assert session.relay is not None
@@ -280,6 +299,12 @@ class Sessions(Service):
             return
         self.live.discard(session)
         self._closing.add(session)
+        if session.recording is not None:
+            session.recording.event(
+                f"detach {session.client_address} (session {session.id}): {ending}"
+            )
+            session.recording.close()
+            session.recording = None
         relay = session.relay
         assert relay is not None and session.id is not None
         seconds = self._clock.seconds() - session.started
