@@ -148,7 +148,7 @@ class Sessions(Service):
 
     def release(self, admission: Admission, reason: str) -> defer.Deferred[None]:
         """Give back an admission whose session never started (the user left)."""
-        d = self._store.end_session_and_release(
+        d = self._store.end_session(
             admission.session_id, reason=reason, bytes_to_client=0, bytes_to_server=0
         )
         return d.addErrback(lambda f: log.failure("releasing an admission failed", f))
@@ -318,10 +318,7 @@ class Sessions(Service):
             to_server=relay.bytes_to_server,
             hash_prefix=session.info.hash_prefix,
         )
-        end = (
-            self._store.end_session_and_release if session.holds_lease else self._store.end_session
-        )
-        d = end(
+        d = self._store.end_session(
             session.id,
             reason=str(ending),
             bytes_to_client=relay.bytes_to_client,

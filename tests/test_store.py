@@ -246,7 +246,7 @@ class LeaseTestsMixin:
         self.clock.advance(25)
         self.assertIsNotNone(self.acquire(2, proxy="b"))  # renewed: still held
         self.successResultOf(
-            self.store.end_session_and_release(1, reason="x", bytes_to_client=0, bytes_to_server=0)
+            self.store.end_session(1, reason="x", bytes_to_client=0, bytes_to_server=0)
         )
         self.assertIsNone(self.acquire(2, proxy="b"))
 
