@@ -91,6 +91,24 @@ class CertificateReloader(Service):
             self._uninstall()
 
 
+def door(
+    name: str,
+    description: str,
+    host: str,
+    port: int,
+    factory: IProtocolFactory,
+    *,
+    settings: Settings,
+    tls: ReloadableServerTLS | None,
+    first_byte_timeout: float,
+    reactor: Any,
+) -> DoorService:
+    """A listener on host:port serving ``factory``, behind TLS as configured."""
+    endpoint = serverFromString(reactor, endpoint_string(host, port))
+    wrapped = tls_factory(factory, tls, settings.default.ssl_only, first_byte_timeout)
+    return DoorService(name, description, endpoint, wrapped)
+
+
 def websocket_doors(
     settings: Settings,
     authorizer: Authorizer,
@@ -136,7 +154,7 @@ def websocket_doors(
         )
     doors = []
     for name, host, port, web_dir, extra in plan:
-        door = Door(
+        core = Door(
             name,
             authorizer,
             sessions,
@@ -144,12 +162,22 @@ def websocket_doors(
             trusted_proxies=c.trusted_proxies,
         )
         factory = ConsoleServerFactory(
-            door, ping_interval=c.ping_interval, handshake_timeout=c.handshake_timeout
+            core, ping_interval=c.ping_interval, handshake_timeout=c.handshake_timeout
         )
         site = door_site(factory, web_dir, extra=extra, timeout=c.handshake_timeout)
-        endpoint = serverFromString(reactor, endpoint_string(host, port))
-        wrapped = tls_factory(site, tls, settings.default.ssl_only, c.handshake_timeout)
-        doors.append(DoorService(name, f"websocket {name}", endpoint, wrapped))
+        doors.append(
+            door(
+                name,
+                f"websocket {name}",
+                host,
+                port,
+                site,
+                settings=settings,
+                tls=tls,
+                first_byte_timeout=c.handshake_timeout,
+                reactor=reactor,
+            )
+        )
     return doors
 
 
@@ -165,6 +193,16 @@ def xvp_doors(
     if not c.xvp_enabled:
         return []
     factory = XVPFactory(authorizer, sessions, reactor, c.xvp_request_timeout)
-    endpoint = serverFromString(reactor, endpoint_string(c.xvp_host, c.xvp_port))
-    wrapped = tls_factory(factory, tls, settings.default.ssl_only, c.xvp_request_timeout)
-    return [DoorService("xvp", "XVP (HTTP CONNECT)", endpoint, wrapped)]
+    return [
+        door(
+            "xvp",
+            "XVP (HTTP CONNECT)",
+            c.xvp_host,
+            c.xvp_port,
+            factory,
+            settings=settings,
+            tls=tls,
+            first_byte_timeout=c.xvp_request_timeout,
+            reactor=reactor,
+        )
+    ]

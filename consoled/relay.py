@@ -38,6 +38,20 @@ class ClientSide(Protocol):
     def close(self, ending: Ending) -> None: ...
 
 
+class TransportClientSide:
+    """For a door whose user's transport is both the consumer and the producer."""
+
+    transport: Any
+
+    @property
+    def consumer(self) -> Any:
+        return self.transport
+
+    @property
+    def producer(self) -> Any:
+        return self.transport
+
+
 class BackendSide(Protocol):
     transport: Any
 

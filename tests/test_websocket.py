@@ -5,8 +5,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from twisted.internet import defer, reactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tests.harness import Consoled, test_settings
@@ -224,63 +223,3 @@ class StaticTests(TestCase):
         self.assertEqual(status, 404)
         status, _, _ = yield self.get("GET //evil.example/%2e%2e HTTP/1.1")
         self.assertEqual(status, 400)
-
-
-class _FloodingSource(Protocol):
-    """A hypervisor that writes as fast as its transport lets it, and says when it is paused."""
-
-    def __init__(self, connected: defer.Deferred[_FloodingSource]) -> None:
-        self.sent = 0
-        self._connected = connected
-        self.paused: defer.Deferred[None] = defer.Deferred()
-        self._running = False
-
-    def connectionMade(self) -> None:
-        self.transport.registerProducer(self, True)
-        self._connected.callback(self)
-        self.resumeProducing()
-
-    def resumeProducing(self) -> None:
-        self._running = True
-        while self._running and self.transport.connected:
-            self.transport.write(b"x" * 65536)
-            self.sent += 65536
-
-    def pauseProducing(self) -> None:
-        self._running = False
-        if not self.paused.called:
-            self.paused.callback(None)
-
-    def stopProducing(self) -> None:
-        self._running = False
-
-
-class FlowControlTests(TestCase):
-    timeout = 30
-
-    @defer.inlineCallbacks
-    def test_slow_reader_pauses_the_hypervisor(self) -> Any:
-        """A browser that stops reading makes consoled stop reading the hypervisor.
-
-        The source writes until its own transport pushes back.  That happens
-        only if consoled stops reading it; a relay without flow control would
-        read everything into memory and the source would never be paused.
-        """
-        consoled = Consoled(self, test_settings())
-        connected: defer.Deferred[_FloodingSource] = defer.Deferred()
-        factory = Factory.forProtocol(lambda: _FloodingSource(connected))
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        issued = yield consoled.authorize("serial", "127.0.0.1", port.getHost().port)
-        client = yield ws_connect(consoled.port("serial"), issued.token)
-        client.transport.pauseProducing()  # the browser stops reading
-        source = yield connected
-        yield source.paused
-        self.assertLess(source.sent, 64 * 1024 * 1024)
-        (session,) = consoled.sessions.live
-        # consoled holds no more than its socket buffers plus one read.
-        held = session.relay.bytes_to_client
-        self.assertLess(held, 64 * 1024 * 1024)
-        client.transport.resumeProducing()
-        client.sendClose(1000)
-        yield client.closed

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from consoled.authorizer import Authorizer, log_refusal
 from consoled.endings import Ending, Kind, Refusal
 from consoled.policy import Network, check_console_type, check_origin, is_trusted, token_from
-from consoled.relay import Relay
+from consoled.relay import Relay, TransportClientSide
 from consoled.sessions import LEASED_TYPES, Admission, Sessions
 from consoled.tokens import ConnectInfo
 
@@ -86,7 +86,7 @@ class Door:
     trusted_proxies: tuple[Network, ...] = ()
 
 
-class ConsoleServerProtocol(WebSocketServerProtocol):
+class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
     """One user's websocket; a thin adapter between Autobahn and the relay."""
 
     factory: ConsoleServerFactory
@@ -216,14 +216,6 @@ class ConsoleServerProtocol(WebSocketServerProtocol):
             self.relay.client_lost(f"close code {code}" if code else "connection lost")
 
     # -- ClientSide, for the relay ------------------------------------------
-
-    @property
-    def consumer(self) -> Any:
-        return self.transport
-
-    @property
-    def producer(self) -> Any:
-        return self.transport
 
     def ready(self) -> None:
         pass  # the websocket is already open

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from consoled.authorizer import Authorizer, log_refusal
 from consoled.endings import Ending, Kind, Refusal
 from consoled.policy import check_console_type
-from consoled.relay import Relay
+from consoled.relay import Relay, TransportClientSide
 from consoled.sessions import Sessions
 from consoled.tokens import ConnectInfo
 
@@ -67,7 +67,7 @@ STATUS = {
 OK = b"HTTP/1.1 200 OK\r\n\r\n"
 
 
-class XVPProtocol(Protocol):
+class XVPProtocol(TransportClientSide, Protocol):
     """One Java viewer's connection."""
 
     factory: XVPFactory
@@ -204,14 +204,6 @@ class XVPProtocol(Protocol):
         self._deadline = None
 
     # -- ClientSide, for the relay -----------------------------------------
-
-    @property
-    def consumer(self) -> Any:
-        return self.transport
-
-    @property
-    def producer(self) -> Any:
-        return self.transport
 
     def ready(self) -> None:
         self.transport.write(OK)
