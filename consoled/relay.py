@@ -77,6 +77,8 @@ class Relay:
         self.ending: Ending | None = None
         #: sees every chunk on its way to the user (serial recording)
         self.tap: Callable[[bytes], None] | None = None
+        #: read-only users of the same console (serial spectators)
+        self.watchers: list[Any] = []
         self._clock = clock
         self._on_end = on_end
         self._pending: list[bytes] = []
@@ -126,6 +128,8 @@ class Relay:
         if self.tap is not None:
             self.tap(data)
         self.client.send(data)
+        for watcher in self.watchers:
+            watcher.from_backend(data)
 
     # -- endings ------------------------------------------------------------
 

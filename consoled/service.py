@@ -164,6 +164,7 @@ def compose(
         enforce_session_timeout=settings.consoleauth.enforce_session_timeout,
         lease_seconds=settings.consoled.lease_seconds,
         recorder=recorder_from_settings(settings, reactor),
+        spectators=settings.consoled.serial_spectators,
         clock=clock,
     )
     sessions.setServiceParent(top)

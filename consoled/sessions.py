@@ -22,7 +22,9 @@ from consoled.backends.tcp import BackendProtocol, connect_backend
 from consoled.endings import Ending, Kind, Refusal
 from consoled.recording import Recorder, Recording
 from consoled.relay import ClientSide, Relay
+from consoled.spectators import READ_ONLY, Spectator
 from consoled.store import Store
+from consoled.store.runner import observe
 from consoled.tokens import ConnectInfo
 
 log = Logger()
@@ -92,8 +94,14 @@ class Sessions(Service):
         enforce_session_timeout: bool = False,
         lease_seconds: float = 30,
         recorder: Recorder | None = None,
+        spectators: bool = False,
         clock: IReactorTime | None = None,
     ) -> None:
+        self.spectators = spectators
+        #: this proxy's serial writers, by console host:port (spectators join them)
+        self._writers: dict[tuple[str, int], Session] = {}
+        #: spectators' rows not yet ended
+        self._watching: set[defer.Deferred[Any]] = set()
         self._recorder = recorder
         self._lease_seconds = lease_seconds
         self._store = store
@@ -200,8 +208,62 @@ class Sessions(Service):
             self._connect(session)
         return relay
 
+    def can_watch(self, info: ConnectInfo) -> bool:
+        """Whether a refused user of this console may join it read-only here."""
+        writer = self._writers.get((info.host, info.port))
+        return self.spectators and writer is not None and writer.relay is not None
+
+    def watch(
+        self, info: ConnectInfo, door: str, client_address: str, client: ClientSide
+    ) -> Spectator | None:
+        """Join the console's writer on this proxy read-only; None if there is none."""
+        writer = self._writers.get((info.host, info.port))
+        if not self.can_watch(info) or writer is None or writer.relay is None:
+            return None
+        relay = writer.relay
+        row = self._store.open_session(
+            info=info, door=door, client_address=client_address, proxy=self.proxy, mode="spectator"
+        )
+
+        self._watching.add(row)
+
+        def ended(ending: Ending) -> None:
+            if spectator in relay.watchers:
+                relay.watchers.remove(spectator)
+            row.addCallback(
+                lambda session_id: self._store.end_session(
+                    session_id,
+                    reason=str(ending),
+                    bytes_to_client=spectator.bytes_to_client,
+                    bytes_to_server=0,
+                )
+            )
+            row.addErrback(lambda f: log.failure("spectator row", f))
+            row.addBoth(lambda _: self._watching.discard(row))
+            log.info(
+                "spectator {client} of {host}:{port} left ({ending})",
+                client=client_address,
+                host=info.host,
+                port=info.port,
+                ending=str(ending),
+            )
+
+        spectator = Spectator(client, ended)
+        relay.watchers.append(spectator)
+        client.send(READ_ONLY)
+        log.info(
+            "spectator {client} joined {host}:{port} of writer session {session_id}",
+            client=client_address,
+            host=info.host,
+            port=info.port,
+            session_id=writer.id,
+        )
+        return spectator
+
     def _admitted(self, admission: Admission, session: Session) -> None:
         session.holds_lease = admission.holds_lease
+        if admission.holds_lease:
+            self._writers[(session.info.host, session.info.port)] = session
         self._row_written(admission.session_id, session)
         assert session.relay is not None
         if session.relay.ending is None:
@@ -299,6 +361,12 @@ class Sessions(Service):
             return
         self.live.discard(session)
         self._closing.add(session)
+        key = (session.info.host, session.info.port)
+        if self._writers.get(key) is session:
+            del self._writers[key]
+        if session.relay is not None:
+            for watcher in list(session.relay.watchers):
+                watcher.end(Ending(Kind.BACKEND_CLOSED, "the writer's session ended"))
         if session.recording is not None:
             session.recording.event(
                 f"detach {session.client_address} (session {session.id}): {ending}"
@@ -338,6 +406,7 @@ class Sessions(Service):
     def settled(self) -> defer.Deferred[None]:
         """Fires once every session alive or ending now has its row ended."""
         waiting = [s.finished for s in self.live | self._closing]
+        waiting += [observe(d) for d in self._watching]
         return defer.DeferredList(waiting).addCallback(lambda _: None)
 
     # -- timers and shut-down ----------------------------------------------

@@ -78,3 +78,38 @@ class SerialLockTests(TestCase):
         self.assertEqual((yield client.read(1)), b"z")
         client.sendClose(1000)
         yield client.closed
+
+
+class SpectatorTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_second_user_watches_read_only(self) -> Any:
+        """With spectators on, a second user of a held port sees the output, types nothing."""
+        consoled = Consoled(self, test_settings(serial_spectators=True))
+        echo = hypervisors.serve(self, hypervisors.Echo)
+        port = consoled.port("serial")
+        writer_token = yield consoled.authorize("serial", "127.0.0.1", echo.port)
+        writer = yield ws_connect(port, writer_token.token)
+        writer.send(b"one")
+        yield writer.read(3)
+        watcher_token = yield consoled.authorize("serial", "127.0.0.1", echo.port)
+        watcher = yield ws_connect(port, watcher_token.token)
+        notice = yield watcher.read_until(b"dropped]\r\n")
+        self.assertIn(b"read-only", notice)
+        watcher.send(b"ignored")  # dropped: never reaches the console
+        writer.send(b"two")
+        self.assertEqual((yield writer.read(3)), b"two")
+        self.assertEqual((yield watcher.read_until(b"two")).lstrip(b"\r\n[read-only")[-3:], b"two")
+        self.assertNotIn(b"ignored", bytes(writer.buffer))
+        writer.sendClose(1000)
+        yield writer.closed
+        code, reason = yield watcher.closed
+        self.assertEqual(code, 1000)
+        self.assertIn("writer's session ended", reason)
+        yield consoled.wait_sessions_ended()
+        rows = consoled.session_rows()
+        # The writer; the second user's refused write attempt; its spectator session.
+        self.assertEqual([row["mode"] for row in rows], ["writer", "writer", "spectator"])
+        self.assertTrue(rows[1]["end_reason"].startswith("console port in use"))
+        self.assertTrue(all(row["ended_at"] for row in consoled.session_rows()))

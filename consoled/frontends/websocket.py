@@ -58,6 +58,7 @@ CLOSE_CODES = {
     Kind.TOKEN_EXPIRED: 4401,
     Kind.IDLE: 4408,
     Kind.KICKED: 4409,
+    Kind.PORT_BUSY: 4409,
     Kind.BACKEND_UNREACHABLE: 4502,
     Kind.STORE_UNAVAILABLE: 4503,
     Kind.BACKEND_TIMEOUT: 4504,
@@ -99,6 +100,8 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
     _gone = False
     #: a serial console's row and lease, taken before the upgrade
     _admission: Admission | None = None
+    #: admitted read-only, as a spectator of this proxy's writer
+    _spectating = False
 
     def connectionMade(self) -> None:
         # Taken over from twisted.web: the HTTPChannel registered itself as the
@@ -133,7 +136,15 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
             if info.console_type not in LEASED_TYPES:
                 return subprotocol()
             admitting = door.sessions.admit(info, f"websocket/{door.name}", self.client_address)
-            return admitting.addCallback(admitted)
+            return admitting.addCallbacks(admitted, spectate, errbackArgs=(info,))
+
+        def spectate(failure: Failure, info: ConnectInfo) -> str | None:
+            # A held port: join its writer read-only when this proxy allows it.
+            if failure.check(Refusal) and failure.value.ending.kind is Kind.PORT_BUSY:
+                if door.sessions.can_watch(info):
+                    self._spectating = True
+                    return subprotocol()
+            return failure  # type: ignore[return-value]
 
         def admitted(admission: Admission) -> str | None:
             self._admission = admission
@@ -190,6 +201,15 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
             return  # Autobahn opens after a loss during onConnect's Deferred
         try:
             assert self.info is not None
+            if self._spectating:
+                door = self.factory.door
+                watching = door.sessions.watch(
+                    self.info, f"websocket/{door.name}", self.client_address, self
+                )
+                if watching is None:  # the writer left meanwhile
+                    self.close(Ending(Kind.PORT_BUSY, "the writer left; connect again"))
+                self.relay = watching  # type: ignore[assignment]
+                return
             self.relay = self.factory.door.sessions.start(
                 self.info,
                 f"websocket/{self.factory.door.name}",

@@ -48,7 +48,7 @@ class ThreadRunner:
     @defer.inlineCallbacks
     def stop(self) -> Any:
         while self._in_flight:
-            waiting = [_observe(d) for d in list(self._in_flight)]
+            waiting = [observe(d) for d in list(self._in_flight)]
             yield defer.DeferredList(waiting, consumeErrors=True)
         if self._pool.started:
             self._pool.stop()
@@ -67,7 +67,7 @@ class InlineRunner:
         return defer.maybeDeferred(f, *args, **kwargs)
 
 
-def _observe(d: defer.Deferred[Any]) -> defer.Deferred[None]:
+def observe(d: defer.Deferred[Any]) -> defer.Deferred[None]:
     """A Deferred that fires when ``d`` does, without touching ``d``'s result."""
     observer: defer.Deferred[None] = defer.Deferred()
 
