@@ -36,7 +36,7 @@ class Authorizer:
             return info
 
         def store_failed(failure: Failure) -> None:
-            log.failure("token store unavailable", failure)
+            log.failure("the console store is unavailable", failure)
             raise Refusal(Kind.STORE_UNAVAILABLE, hash_prefix=prefix)
 
         return self._store.validate(token).addCallbacks(found, store_failed)

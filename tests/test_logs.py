@@ -69,3 +69,25 @@ class TokenNeverLoggedTests(TestCase):
         self.assertTrue(any(f"token {prefix}" in t and "ended" in t for t in texts), texts)
         refused = [t for t in texts if t.startswith("refused novnc connection")]
         self.assertEqual(len(refused), 4, refused)
+
+
+class StoreFailureTests(TestCase):
+    def test_failed_statement_hides_parameters(self) -> None:
+        """A failing look-up's error text, which gets logged, carries no token hash."""
+        import sqlalchemy as sa
+
+        from consoled.store.engine import make_engine
+        from consoled.tokens import hash_token
+
+        engine = make_engine("sqlite:///" + self.mktemp() + ".sqlite")
+        self.addCleanup(engine.dispose)
+        token = "5f1c7d52-64a9-4d0b-9a83-0c3d1b2e4f60"
+        with engine.connect() as connection:
+            error = self.assertRaises(
+                sa.exc.OperationalError,
+                connection.execute,
+                sa.text("SELECT * FROM console_auth_tokens WHERE token_hash = :h"),
+                {"h": hash_token(token)},
+            )
+        self.assertNotIn(hash_token(token), str(error))
+        self.assertNotIn(hash_token(token)[:8], str(error))

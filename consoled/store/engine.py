@@ -41,7 +41,8 @@ def make_engine(url: str, pool_size: int = 4, recycle: int = 3600) -> sa.Engine:
         database = parsed.database
         if database and database != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(database)) or ".", exist_ok=True)
-        engine = sa.create_engine(parsed, connect_args={"timeout": 30})
+        # hide_parameters: a failed statement's text must not carry token hashes.
+        engine = sa.create_engine(parsed, connect_args={"timeout": 30}, hide_parameters=True)
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return sa.create_engine(
@@ -50,6 +51,7 @@ def make_engine(url: str, pool_size: int = 4, recycle: int = 3600) -> sa.Engine:
         max_overflow=0,
         pool_pre_ping=True,
         pool_recycle=recycle,
+        hide_parameters=True,
     )
 
 
