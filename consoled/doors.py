@@ -18,6 +18,8 @@ from twisted.python.failure import Failure
 
 from consoled.authorizer import Authorizer
 from consoled.config import Settings
+from consoled.endings import Ending, Kind
+from consoled.frontends.serial_tcp import SerialTCPFactory
 from consoled.frontends.web import door_site
 from consoled.frontends.websocket import ConsoleServerFactory, Door
 from consoled.frontends.xvp import XVPFactory
@@ -203,6 +205,55 @@ def xvp_doors(
             settings=settings,
             tls=tls,
             first_byte_timeout=c.xvp_request_timeout,
+            reactor=reactor,
+        )
+    ]
+
+
+def serial_tcp_doors(
+    settings: Settings,
+    authorizer: Authorizer,
+    sessions: Sessions,
+    reactor: Any,
+    tls: ReloadableServerTLS | None = None,
+    proxy_name: str = "",
+) -> list[DoorService]:
+    """The raw TCP serial door for terminal users, when enabled.
+
+    The door speaks first (its token prompt), so it cannot tell TLS from
+    plain by the client's first byte: it is TLS only with ``ssl_only``, and
+    plain otherwise.
+    """
+    c = settings.consoled
+    if not c.serial_tcp_enabled:
+        return []
+    factory = SerialTCPFactory(
+        authorizer,
+        sessions,
+        reactor,
+        c.serial_prompt_timeout,
+        proxy_name,
+        spectators=c.serial_spectators,
+    )
+
+    def watch(info: Any, protocol: Any) -> Any:
+        spectator = sessions.watch(info, "serial-tcp", protocol.client_address, protocol)
+        if spectator is None:  # the writer is on another proxy, or just left
+            protocol.close(Ending(Kind.PORT_BUSY, "held through another proxy"))
+            return None
+        return spectator.client_lost
+
+    factory.watch = watch
+    return [
+        door(
+            "serial-tcp",
+            "raw TCP serial",
+            c.serial_tcp_host,
+            c.serial_tcp_port,
+            factory,
+            settings=settings,
+            tls=tls if settings.default.ssl_only else None,
+            first_byte_timeout=0,
             reactor=reactor,
         )
     ]

@@ -19,7 +19,7 @@ from twisted.python import usage
 
 from consoled.authorizer import Authorizer
 from consoled.config import ConfigError, Settings, load_settings
-from consoled.doors import CertificateReloader, websocket_doors, xvp_doors
+from consoled.doors import CertificateReloader, serial_tcp_doors, websocket_doors, xvp_doors
 from consoled.recording import Recorder
 from consoled.sessions import Sessions
 from consoled.store import Store, open_store, schema
@@ -190,6 +190,10 @@ def compose(
     for door in websocket_doors(settings, authorizer, sessions, reactor, tls):
         door.setServiceParent(top)
     for door in xvp_doors(settings, authorizer, sessions, reactor, tls):
+        door.setServiceParent(top)
+    for door in serial_tcp_doors(
+        settings, authorizer, sessions, reactor, tls, proxy_name=proxy_name(settings)
+    ):
         door.setServiceParent(top)
     Announcer(
         reactor,

@@ -18,6 +18,7 @@ from consoled.endings import Kind
 from consoled.frontends.websocket import CLOSE_CODES
 from tests import hypervisors
 from tests.harness import Consoled, test_settings
+from tests.serialclient import terminal_connect
 from tests.wsclient import ws_connect
 from tests.xvpclient import xvp_connect
 
@@ -244,3 +245,21 @@ class XVPBehaviour(XVPDoor, RelayBehaviourMixin, TestCase):
 
 class XVPWithNoVNCTokenBehaviour(XVPDoor, RelayBehaviourMixin, TestCase):
     door, console_type = "xvp", "novnc"
+
+
+class SerialTCPDoor:
+    """How a terminal user (nc, socat) reaches a serial console through the raw TCP door."""
+
+    def connect(self, port: int, token: str) -> defer.Deferred[Any]:
+        return terminal_connect(port, token)
+
+    def assert_told(self: Any, closed: Any, kind: Kind) -> None:
+        _, text = closed
+        if kind in (Kind.BACKEND_UNREACHABLE, Kind.BACKEND_REFUSED, Kind.BACKEND_TIMEOUT):
+            self.assertIn(b"console unavailable: " + kind.value.encode(), text)
+        else:
+            self.assertIn(b"[" + kind.value.encode(), text)
+
+
+class SerialTCPBehaviour(SerialTCPDoor, RelayBehaviourMixin, TestCase):
+    door, console_type = "serial-tcp", "serial"

@@ -242,7 +242,7 @@ class LeaseTestsMixin:
         """Upkeep renews a proxy's leases; ending the row releases its lease at once."""
         self.assertIsNone(self.acquire(1))
         self.clock.advance(25)
-        self.successResultOf(self.store.touch([], proxy="a", lease_seconds=30))
+        self.successResultOf(self.store.touch([(1, 0, 0)], proxy="a", lease_seconds=30))
         self.clock.advance(25)
         self.assertIsNotNone(self.acquire(2, proxy="b"))  # renewed: still held
         self.successResultOf(
@@ -287,3 +287,21 @@ class PostgreSQLLeaseTests(LeaseTestsMixin, SynchronousTestCase):
 
 class MariaDBLeaseTests(LeaseTestsMixin, SynchronousTestCase):
     backend = "mariadb"
+
+
+class RestartedProxyLeaseTests(SynchronousTestCase):
+    def test_restarted_proxy_does_not_renew_a_dead_sessions_lease(self) -> None:
+        """A proxy restarted under the same name renews only its live sessions' leases."""
+        engine = make_engine(fresh_database(self, "sqlite"))
+        self.addCleanup(engine.dispose)
+        schema.upgrade(engine)
+        clock = Clock()
+        clock.advance(NOW)
+        store = Store(engine, InlineRunner(), clock)
+        lease = dict(host="h", port=1, proxy="A", lease_seconds=30)
+        self.assertIsNone(self.successResultOf(store.acquire_lease(session_id=1, **lease)))
+        for _ in range(4):  # "A" again, after a SIGKILL and restart, with no live session
+            clock.advance(10)
+            self.successResultOf(store.touch([], proxy="A", lease_seconds=30))
+        taken = store.acquire_lease(session_id=2, **{**lease, "proxy": "B"})
+        self.assertIsNone(self.successResultOf(taken))

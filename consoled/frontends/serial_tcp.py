@@ -10,16 +10,12 @@ The exchange (docs/serial.md has the whole of it)::
              console bytes both ways; Ctrl-] then . q w ? or Ctrl-] for the escape commands
 
 A client that sends an IAC before its session starts has answered the offer
-and speaks telnet for good (IAC escaping both ways, negotiation answered
-here, CR LF and CR NUL sent on as one CR, commands such as BRK consumed);
-any other client is raw and its bytes pass as they are.  Last lines: a
-refusal's text (3 tries), ``token too long``, ``too many tries, goodbye``,
-``no token within Ns, goodbye``, ``console unavailable: ENDING`` before the
-session starts, ``[ENDING]`` after, ``disconnected`` after the escape.
-
+and speaks telnet for good; any other client is raw, its bytes untouched.
+Last lines: a refusal's text (3 tries), ``too many tries, goodbye``, ``no
+token within Ns, goodbye``, ``console unavailable: ENDING`` before the
+session starts, ``[ENDING]`` after it, ``disconnected`` after the escape.
 States: ``prompting``, ``admitting`` (token check, then the session layer
-connecting), ``relaying`` (or ``watching``: a read-only spectator of a busy
-port), ``closed``.
+connecting), ``relaying`` (or ``watching``: a spectator of a busy port), ``closed``.
 """
 
 from __future__ import annotations
@@ -43,26 +39,21 @@ from consoled.tokens import ConnectInfo
 log = Logger()
 
 DOOR = "serial-tcp"
-
-# Telnet (RFC 854, 857, 858) bytes.
-IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
-IP, EC, EL = 244, 247, 248
-ECHO, SGA = 1, 3
+IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240  # RFC 854
+ECHO, SGA = 1, 3  # RFC 857, 858
 CR, LF, NUL = 13, 10, 0
 ESCAPE = 0x1D  # Ctrl-]
 BACKSPACES = (0x08, 0x7F)
-QUITS = (0x03, 0x04)  # Ctrl-C, Ctrl-D: leave the prompt (socat raw has no other way out)
+QUITS = (0x03, 0x04)  # Ctrl-C, Ctrl-D leave the prompt: socat raw has no other way out
 
 OFFER = bytes([IAC, WILL, ECHO, IAC, WILL, SGA])
 BANNER = b"consoled serial console: type your token and press Enter\r\n"
 PROMPT = b"token: "
-
 MAX_TRIES = 3
 #: Bytes typed while the token is checked, kept for the console; reading pauses past it.
 MAX_EARLY = 4 * 1024
 #: Refusals after which the user may type another token; any other ends the connection.
 RETRY = frozenset({Kind.NO_TOKEN, Kind.INVALID_TOKEN, Kind.WRONG_CONSOLE_TYPE, Kind.BAD_REQUEST})
-
 HELP = (
     "\r\n{proxy}: escape commands, typed after Ctrl-]:\r\n"
     "  . or q   disconnect\r\n"
@@ -71,7 +62,6 @@ HELP = (
     "  Ctrl-]   send one Ctrl-] to the console\r\n"
     "  anything else goes to the console, after its Ctrl-]\r\n"
 )
-
 _NVT_NEWLINE = re.compile(b"\r[\n\x00]")
 
 
@@ -79,17 +69,13 @@ class TelnetCodec:
     """The telnet layer of one connection: IAC parsing, option replies, NVT newlines.
 
     Not ``twisted.conch.telnet.TelnetTransport``: its parser raises on an
-    unknown IAC command (losing the data parsed before it), holds a trailing
-    CR until the next byte arrives (an Enter would wait for the next key), and
-    its ``write`` turns every ``\\n`` into ``\\r\\n`` (corrupting console
-    output); it also has no raw mode for ``nc`` nor producer methods for the
-    relay.  This class is small and never raises on any input.
-
-    ``feed`` returns the user's data and one-byte commands (ints) in order;
-    negotiation is answered through ``reply`` and goes no further.  We do ECHO
-    and SGA (offered at connect); the client may do SGA; every other option
-    is refused.  A reply is sent only when an option's state changes, so two
-    peers cannot loop.  Subnegotiations are skipped up to IAC SE, unstored.
+    unknown IAC command (dropping the data parsed before it), holds a trailing
+    CR until the next byte (an Enter would wait for the next key), its
+    ``write`` turns every ``\\n`` into ``\\r\\n``, and it has no raw mode for
+    ``nc`` nor producer methods for the relay.  ``feed`` never raises; it
+    returns the user's data, drops commands (BRK, IP, AYT, ...) and
+    subnegotiations, and answers negotiation through ``reply``: we do ECHO
+    and SGA, the client may do SGA, every other option is refused.
     """
 
     _OURS = frozenset({ECHO, SGA})
@@ -100,29 +86,24 @@ class TelnetCodec:
         self._state = "data"
         self._verb = 0
         self._after_cr = False
-        #: options in effect on our side, and on the client's
-        self.local: set[int] = set()
-        self.remote: set[int] = set()
-        #: our WILLs not answered yet (OFFER is sent at connect)
-        self._offered = set(self._OURS)
+        self.local: set[int] = set()  # options in effect on our side
+        self.remote: set[int] = set()  # and on the client's
+        self._offered = set(self._OURS)  # our WILLs not answered yet
 
-    def feed(self, data: bytes) -> list[bytes | int]:
-        out: list[bytes | int] = []
+    def feed(self, data: bytes) -> bytes:
         text = bytearray()
         at, end = 0, len(data)
         while at < end:
             state = self._state
             if state in ("data", "sub"):
                 iac = data.find(b"\xff", at)
-                stop = end if iac < 0 else iac
                 if state == "data":
-                    self._text(data[at:stop], text)
+                    self._text(data[at : end if iac < 0 else iac], text)
                 if iac < 0:
                     break
                 self._state, at = ("iac" if state == "data" else "sub-iac"), iac + 1
                 continue
-            byte = data[at]
-            at += 1
+            byte, at = data[at], at + 1
             if state == "iac":
                 self._state = "data"
                 if byte == IAC:
@@ -132,19 +113,12 @@ class TelnetCodec:
                     self._verb, self._state = byte, "option"
                 elif byte == SB:
                     self._state = "sub"
-                else:
-                    if text:
-                        out.append(bytes(text))
-                        text.clear()
-                    out.append(byte)
             elif state == "option":
                 self._state = "data"
                 self._negotiate(self._verb, byte)
             else:  # "sub-iac": IAC SE ends it; IAC IAC or anything else stays inside
                 self._state = "data" if byte == SE else "sub"
-        if text:
-            out.append(bytes(text))
-        return out
+        return bytes(text)
 
     def _text(self, chunk: bytes, text: bytearray) -> None:
         # NVT: CR LF is a newline, CR NUL a bare CR; to a serial console both
@@ -157,7 +131,7 @@ class TelnetCodec:
         self._after_cr = chunk.endswith(b"\r")
 
     def _negotiate(self, verb: int, option: int) -> None:
-        # RFC 1143 in short: answer only a change of an option's state.
+        # RFC 1143 in short: answer only a change of an option's state, so no loops.
         ours, wanted = verb in (DO, DONT), verb in (DO, WILL)
         options, allowed = (self.local, self._OURS) if ours else (self.remote, self._THEIRS)
         yes, no = (WILL, WONT) if ours else (DO, DONT)
@@ -175,7 +149,7 @@ class TelnetCodec:
 
 
 class SerialTCPProtocol(Protocol):
-    """One terminal user's connection."""
+    """One terminal user's connection; the relay's ClientSide."""
 
     factory: SerialTCPFactory
     state = "prompting"
@@ -184,10 +158,11 @@ class SerialTCPProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.client_address = getattr(self.transport.getPeer(), "host", "?")
-        # Real telnet (netkit, inetutils) negotiates nothing on a port other
+        self.consumer = self.producer = self.transport
+        # Real telnet (inetutils, netkit) negotiates nothing on a port other
         # than 23 unless the server does: without this offer it would stay in
-        # line mode and echo the token on the screen.  nc and socat show the
-        # 6 bytes as a little noise before the banner, as any telnet server's.
+        # line mode and show the token as it is typed.  nc and socat show the
+        # 6 bytes as a little noise before the banner, as with any telnet server.
         self.telnet = TelnetCodec(self.transport.write)
         self.speaks_telnet = False
         self._line = bytearray()
@@ -204,8 +179,6 @@ class SerialTCPProtocol(Protocol):
         )
         self.transport.write(OFFER + BANNER + PROMPT)
 
-    # -- input --------------------------------------------------------------
-
     def dataReceived(self, data: bytes) -> None:
         if self.state == "closed":
             return
@@ -221,13 +194,9 @@ class SerialTCPProtocol(Protocol):
             if self.state == "closed":
                 return
             data = data[iac:]
-        for part in self.telnet.feed(data):
-            if self.state == "closed":
-                return
-            if isinstance(part, bytes):
-                self._input(part)
-            else:
-                self._command(part)
+        # Telnet commands are consumed here, BREAK on purpose: a break on the
+        # serial line is a magic SysRq prefix that can reboot a Linux guest.
+        self._input(self.telnet.feed(data))
 
     def _input(self, data: bytes) -> None:
         if self.state == "prompting":
@@ -242,19 +211,16 @@ class SerialTCPProtocol(Protocol):
         if self.relay is not None or self.state == "watching":
             self._relay_input(data)
         else:
-            self._hold(data)
+            self._early.append(data)
+            self._early_size += len(data)
+            if self._early_size > MAX_EARLY:
+                self.transport.pauseProducing()
 
-    def _command(self, command: int) -> None:
-        # In a session every command is consumed: BRK on purpose, as a break
-        # on the serial line is a magic SysRq that can reboot a Linux guest.
-        if self.state != "prompting":
-            return
-        if command == EC:
-            del self._line[-1:]
-        elif command == EL:
-            self._line.clear()
-        elif command == IP:
-            self._goodbye("goodbye")
+    def _replay_early(self) -> None:
+        early, self._early, self._early_size = self._early, [], 0
+        self.transport.resumeProducing()
+        for chunk in early:
+            self._input(chunk)
 
     # -- the prompt ---------------------------------------------------------
 
@@ -278,22 +244,21 @@ class SerialTCPProtocol(Protocol):
             elif len(self._line) < MAX_TOKEN_LENGTH:
                 self._line.append(byte)
             else:
-                self._too_long = True  # kept bounded; reported at the end of the line
+                self._too_long = True  # kept bounded; told at the end of the line
 
     def _line_ended(self) -> None:
         line, too_long = bytes(self._line), self._too_long
         self._line.clear()
         self._too_long = False
         self.transport.write(b"\r\n")  # the only echo: the token is a secret
+        token = line.decode("utf-8", "replace").strip()
         if too_long:
             self._refused(Refusal(Kind.BAD_REQUEST, "token too long"), "token too long")
-            return
-        token = line.decode("utf-8", "replace").strip()
-        if not token:
+        elif not token:
             self.transport.write(PROMPT)
-            return
-        self.state = "admitting"
-        self._check(token)
+        else:
+            self.state = "admitting"
+            self._check(token)
 
     def _check(self, token: str) -> None:
         def admitted(info: ConnectInfo) -> None:
@@ -324,28 +289,20 @@ class SerialTCPProtocol(Protocol):
             return
         self.state = "prompting"
         self.transport.write(text.encode("utf-8") + b"\r\n" + PROMPT)
-        early, self._early, self._early_size = self._early, [], 0
-        self.transport.resumeProducing()
-        for chunk in early:  # what was typed meanwhile is the next try
-            self._input(chunk)
-
-    def _hold(self, data: bytes) -> None:
-        """Keep what the user types while the token is checked; pause past a bound."""
-        self._early.append(data)
-        self._early_size += len(data)
-        if self._early_size > MAX_EARLY:
-            self.transport.pauseProducing()
+        self._replay_early()  # what was typed meanwhile is the next try
 
     def _timed_out(self) -> None:
         self._deadline = None
         seconds = f"{self.factory.prompt_timeout:g}s"
         if self.state == "prompting":
-            log_refusal(DOOR, self.client_address, Refusal(Kind.NO_TOKEN, f"none within {seconds}"))
-            self._goodbye(f"no token within {seconds}, goodbye")
+            refusal, text = Refusal(Kind.NO_TOKEN, f"none within {seconds}"), "no token"
         elif self.state == "admitting" and self.relay is None:
             refusal = Refusal(Kind.STORE_UNAVAILABLE, f"no answer within {seconds}")
-            log_refusal(DOOR, self.client_address, refusal)
-            self._goodbye(f"token not checked within {seconds}, goodbye")
+            text = "token not checked"
+        else:
+            return
+        log_refusal(DOOR, self.client_address, refusal)
+        self._goodbye(f"{text} within {seconds}, goodbye")
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -367,17 +324,14 @@ class SerialTCPProtocol(Protocol):
         self.info = info
         self._cancel_deadline()  # the session layer's connect timeout takes over
         try:
-            started: Any = self.factory.sessions.start(info, DOOR, self.client_address, self)
+            relay = self.factory.sessions.start(info, DOOR, self.client_address, self)
+            if isinstance(relay, Refusal):
+                raise relay
         except Refusal as refusal:
-            started = refusal
-        if isinstance(started, Refusal):
-            self._unavailable(started.ending)
+            self._unavailable(refusal.ending)
             return
-        self.relay = started
-        early, self._early, self._early_size = self._early, [], 0
-        self.transport.resumeProducing()  # the relay pauses reading until the console is up
-        for chunk in early:
-            self._input(chunk)
+        self.relay = relay
+        self._replay_early()  # the relay pauses reading again until the console is up
 
     def _relay_input(self, data: bytes) -> None:
         """The escape, Ctrl-] and one more byte, even across chunks; the rest goes on."""
@@ -387,11 +341,7 @@ class SerialTCPProtocol(Protocol):
             self._escaped, at = False, 1
             if not self._escape_command(data[0], out):
                 return
-        while True:
-            found = data.find(b"\x1d", at)
-            if found < 0:
-                out += data[at:]
-                break
+        while (found := data.find(b"\x1d", at)) >= 0:
             out += data[at:found]
             if found + 1 == len(data):
                 self._escaped = True
@@ -399,64 +349,49 @@ class SerialTCPProtocol(Protocol):
             at = found + 2
             if not self._escape_command(data[found + 1], out):
                 return
+        else:
+            out += data[at:]
         self._forward(bytes(out))
 
     def _escape_command(self, byte: int, out: bytearray) -> bool:
         """Act on Ctrl-] then ``byte``; False once the user has left."""
         if byte in b".q":
             self._forward(bytes(out))
-            self._disconnect()
+            self.state = "closed"
+            self.transport.write(b"\r\ndisconnected\r\n")
+            self.transport.loseConnection()
+            if self.relay is not None:
+                self.relay.client_lost("escape")
             return False
         if byte == ord("w"):
             self.transport.write(f"\r\n{self.factory.who()}\r\n".encode())
         elif byte == ord("?"):
             self.transport.write(HELP.format(proxy=self.factory.proxy_name).encode())
-        elif byte == ESCAPE:
-            out.append(ESCAPE)
         else:
-            out += bytes([ESCAPE, byte])
+            out += b"\x1d" if byte == ESCAPE else bytes([ESCAPE, byte])
         return True
 
     def _forward(self, data: bytes) -> None:
         if data and self.state != "watching" and self.relay is not None:
             self.relay.from_client(data)
 
-    def _disconnect(self) -> None:
-        self.state = "closed"
-        self.transport.write(b"\r\ndisconnected\r\n")
-        self.transport.loseConnection()
-        if self.relay is not None:
-            self.relay.client_lost("escape")
-
     def _unavailable(self, ending: Ending) -> None:
-        """The session layer refused: a spectator if the port is busy and that is on."""
-        if ending.kind is Kind.PORT_BUSY:
-            prefix = self.info.hash_prefix if self.info is not None else None
-            log_refusal(DOOR, self.client_address, Refusal(ending.kind, ending.detail, prefix))
-            watch = getattr(self.factory, "watch", None)
-            if self.factory.spectators and watch is not None and self.info is not None:
+        """Refused by the session layer; a busy port may make a spectator."""
+        watch = getattr(self.factory, "watch", None)
+        if ending.kind is Kind.PORT_BUSY and self.info is not None:
+            refusal = Refusal(ending.kind, ending.detail, self.info.hash_prefix)
+            log_refusal(DOOR, self.client_address, refusal)
+            if self.factory.spectators and watch is not None:
                 self.state = "watching"
-                self.transport.write(
-                    f"{ending}; watching read-only, escape is Ctrl-] (then ? for help)\r\n".encode()
-                )
+                self.transport.write(f"{ending}; watching, read-only\r\n".encode())
                 self.transport.resumeProducing()
                 self._stop_watching = watch(self.info, self)
                 return
         self._goodbye(f"console unavailable: {ending}")
 
-    # -- ClientSide, for the relay -------------------------------------------
-
-    @property
-    def consumer(self) -> Any:
-        return self.transport
-
-    @property
-    def producer(self) -> Any:
-        return self.transport
+    # -- ClientSide, for the relay (consumer and producer: the transport) ---
 
     def ready(self) -> None:
-        if self.state == "closed":
-            return
         assert self.info is not None
         self._ready = True
         self.state = "relaying"
@@ -470,11 +405,9 @@ class SerialTCPProtocol(Protocol):
         self.transport.write(data.replace(b"\xff", b"\xff\xff") if self.speaks_telnet else data)
 
     def close(self, ending: Ending) -> None:
-        if self.state == "closed":
-            return
         if self._ready or self.state == "watching":
             self._goodbye(f"\r\n[{ending}]")
-        else:
+        elif self.state != "closed":
             self._unavailable(ending)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -490,12 +423,11 @@ class SerialTCPProtocol(Protocol):
 class SerialTCPFactory(Factory):
     """The door's settings and collaborators.
 
-    Spectators are a hook only: with ``spectators`` on and a ``watch``
-    attribute set (``watch(info, protocol)``, returning a callable to stop
-    watching, or None), a user refused with ``PORT_BUSY`` stays connected in
-    the ``watching`` state: console output may be sent to it through
-    ``protocol.send`` and it ends with ``protocol.close(ending)``; its input
-    is dropped, except the escape commands.
+    Spectators are a hook only: with ``spectators`` on and a ``watch(info,
+    protocol)`` attribute (returning a callable that stops watching, or None),
+    a user refused with PORT_BUSY stays, ``watching``: give it console output
+    with ``protocol.send``, end it with ``protocol.close(ending)``; its input
+    is dropped but for the escape commands.
     """
 
     protocol = SerialTCPProtocol

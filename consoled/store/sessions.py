@@ -152,9 +152,14 @@ class SessionRows:
                 bytes_to_server=sa.bindparam("to_server"),
             )
         )
+        # Only the leases of sessions live here now: a proxy restarted under
+        # the same name must not keep a dead session's port.
         renew_leases = (
             leases_table.update()
-            .where(leases_table.c.proxy == proxy)
+            .where(
+                leases_table.c.proxy == proxy,
+                leases_table.c.session_id.in_([session_id for session_id, _, _ in counters]),
+            )
             .values(expires_at=now + lease_seconds)
         )
         kicks = sa.select(
@@ -168,7 +173,8 @@ class SessionRows:
         def upkeep(connection: sa.Connection) -> list[dict[str, Any]]:
             if rows:
                 connection.execute(renew_rows, rows)
-            connection.execute(renew_leases)
+            if rows:
+                connection.execute(renew_leases)
             return [dict(row._mapping) for row in connection.execute(kicks)]
 
         return self._run(upkeep)
@@ -213,7 +219,15 @@ class SessionRows:
                 )
                 .values(ended_at=now, end_reason="proxy lost: no touch")
             ).rowcount
-            connection.execute(leases_table.delete().where(leases_table.c.expires_at < now))
+            ended_sessions = sa.select(sessions_table.c.id).where(
+                sessions_table.c.ended_at.is_not(None)
+            )
+            connection.execute(
+                leases_table.delete().where(
+                    (leases_table.c.expires_at < now)
+                    | leases_table.c.session_id.in_(ended_sessions)
+                )
+            )
             return ended
 
         return self._run(janitor)

@@ -1,0 +1,182 @@
+"""The consoles behind the proxies: plain TCP servers, one port per behaviour.
+
+Run as its own process (``python benchmarks/backends.py --source-bytes N ...``);
+it prints one JSON line naming each behaviour's port, then serves until
+SIGTERM.  Behaviours:
+
+- ``source``: streams ``--source-bytes`` as fast as the reader takes them, then closes;
+- ``echo``: writes back whatever arrives;
+- ``sink``: discards what arrives and answers ``!`` once ``--sink-bytes`` have come;
+- ``greeter``: sends ``RFB 003.008\\n`` on connect (a VNC server's first
+  words), then holds the connection and discards input;
+- ``trickle``: sends ``--trickle-rate`` bytes per second to every connection,
+  a chunk every ``--trickle-period`` seconds, connections spread over the period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+CHUNK = memoryview(bytes(1 << 20))
+GREETING = b"RFB 003.008\n"
+#: Subdivisions of the trickle period, so sessions do not all burst at once.
+TRICKLE_SLOTS = 10
+
+
+class _Base(asyncio.Protocol):
+    transport: asyncio.Transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.started()
+
+    def started(self) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+
+class Source(_Base):
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self.paused = False
+
+    def started(self) -> None:
+        self.transport.set_write_buffer_limits(high=4 << 20)
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.left > 0 and not self.paused:
+            n = min(self.left, len(CHUNK))
+            self.transport.write(CHUNK[:n])
+            self.left -= n
+        if self.left == 0 and not self.transport.is_closing():
+            self.transport.close()  # after the buffer drains
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._fill()
+
+
+class Echo(_Base):
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class Sink(_Base):
+    def __init__(self, total: int) -> None:
+        self.left = total
+
+    def data_received(self, data: bytes) -> None:
+        if self.left > 0:
+            self.left -= len(data)
+            if self.left <= 0:
+                self.transport.write(b"!")
+
+
+class Greeter(_Base):
+    def started(self) -> None:
+        self.transport.write(GREETING)
+
+
+class Trickle(_Base):
+    """Registered with a :class:`Trickler`, which writes to it on a timer."""
+
+    def __init__(self, trickler: Trickler) -> None:
+        self.trickler = trickler
+
+    def started(self) -> None:
+        self.trickler.add(self.transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.trickler.remove(self.transport)
+
+
+class Trickler:
+    """Each connection gets ``rate * period`` bytes once per period, in its slot."""
+
+    def __init__(self, rate: int, period: float) -> None:
+        self.chunk = bytes(max(1, int(rate * period)))
+        self.period = period
+        self.slots: list[set[asyncio.Transport]] = [set() for _ in range(TRICKLE_SLOTS)]
+        self.next_slot = 0
+        #: chunks not written because the proxy had not taken the previous ones
+        self.skipped = 0
+
+    def add(self, transport: asyncio.Transport) -> None:
+        self.slots[self.next_slot].add(transport)
+        self.next_slot = (self.next_slot + 1) % TRICKLE_SLOTS
+
+    def remove(self, transport: asyncio.Transport) -> None:
+        for slot in self.slots:
+            slot.discard(transport)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        step = self.period / TRICKLE_SLOTS
+        tick = loop.time()
+        index = 0
+        while True:
+            for transport in self.slots[index]:
+                if transport.get_write_buffer_size() > 4 * len(self.chunk):
+                    self.skipped += 1
+                else:
+                    transport.write(self.chunk)
+            index = (index + 1) % TRICKLE_SLOTS
+            tick += step
+            await asyncio.sleep(max(0.0, tick - loop.time()))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    trickler = Trickler(args.trickle_rate, args.trickle_period)
+    makers: dict[str, Callable[[], Any]] = {
+        "source": lambda: Source(args.source_bytes),
+        "echo": Echo,
+        "sink": lambda: Sink(args.sink_bytes),
+        "greeter": Greeter,
+        "trickle": lambda: Trickle(trickler),
+    }
+    ports = {}
+    servers = []
+    for name, maker in makers.items():
+        server = await loop.create_server(maker, "127.0.0.1", 0, backlog=4096)
+        servers.append(server)
+        ports[name] = server.sockets[0].getsockname()[1]
+    print(json.dumps(ports), flush=True)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    ticker = asyncio.create_task(trickler.run())
+    await stop.wait()
+    ticker.cancel()
+    if trickler.skipped:
+        print(f"backends: trickle skipped {trickler.skipped} chunks", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source-bytes", type=int, default=64 << 20)
+    parser.add_argument("--sink-bytes", type=int, default=64 << 20)
+    parser.add_argument("--trickle-rate", type=int, default=50_000)
+    parser.add_argument("--trickle-period", type=float, default=0.1)
+    asyncio.run(serve(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Each measurement, run against one target (a proxy, or the backend directly).
+
+A step names the backend behaviour it needs and returns plain numbers keyed
+by metric name; :data:`METRICS` says how each is shown and which way is better.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import client
+from peers import Target, cpu_seconds, fd_limit, listen_drops, pss_kib
+from swarm import Opened, close_all, drain, open_sessions
+
+MB = 1_000_000
+#: numbers by metric key; a string value is a note for the report (what failed)
+Measured = dict[str, float | str]
+
+
+@dataclass(frozen=True)
+class Settings:
+    stream_bytes: int = 512 << 20
+    round_trips: int = 5000
+    setup_sequential: int = 1000
+    setup_concurrent: int = 1000
+    parallel: int = 100
+    held_sessions: int = 1000
+    #: consoled alone holds this many for its total (0: skip)
+    big_hold: int = 10_000
+    cpu_sessions: int = 1000
+    cpu_seconds: float = 30.0
+    cpu_rate: int = 50_000
+    repetitions: int = 3
+
+
+QUICK = Settings(
+    stream_bytes=64 << 20,
+    round_trips=1000,
+    setup_sequential=200,
+    setup_concurrent=200,
+    parallel=50,
+    held_sessions=200,
+    big_hold=0,
+    cpu_sessions=100,
+    cpu_seconds=5.0,
+    repetitions=1,
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    #: +1 higher is better, -1 lower is better, 0 informational
+    better: int
+    digits: int = 0
+
+
+METRICS = [
+    Metric("down_mbps", "downstream MB/s", +1),
+    Metric("down_client_cpu", "  client CPU % while reading", 0),
+    Metric("up_mbps", "upstream MB/s (64 KiB masked frames)", +1),
+    Metric("rtt_p50_us", "1-byte echo RTT p50 µs", -1),
+    Metric("rtt_p99_us", "1-byte echo RTT p99 µs", -1),
+    Metric("rtt_added_p50_us", "  added p50 µs (proxy − direct)", -1),
+    Metric("setup_seq_p50_ms", "set-up sequential p50 ms", -1, 2),
+    Metric("setup_seq_p99_ms", "set-up sequential p99 ms", -1, 2),
+    Metric("setup_conc_p50_ms", "set-up concurrent p50 ms", -1, 1),
+    Metric("setup_conc_p99_ms", "set-up concurrent p99 ms", -1, 1),
+    Metric("setup_conc_rate", "  sessions/s (concurrent)", +1),
+    Metric("setup_conc_client_cpu", "  client CPU % (concurrent)", 0),
+    Metric("setup_listen_drops", "  SYNs dropped, accept queue full", -1),
+    Metric("setup_failures", "  failed set-ups", -1),
+    Metric("mem_kib_per_session", "PSS KiB per open session", -1),
+    Metric("mem_baseline_mib", "  idle PSS MiB", -1, 1),
+    Metric("mem_processes", "  processes while holding", 0),
+    Metric("mem_big_total_mib", "PSS MiB total, big hold (consoled)", -1),
+    Metric("mem_big_kib_per_session", "  KiB per session, big hold", -1),
+    Metric("cpu_seconds", "proxy CPU s, trickling sessions", -1, 2),
+    Metric("cpu_core_pct", "  % of one core", -1, 1),
+    Metric("cpu_sessions", "  sessions held", +1),
+    Metric("cpu_ms_per_session_s", "  CPU ms per session-second", -1, 3),
+    Metric("cpu_delivered_pct", "  bytes delivered % of sent rate", +1, 1),
+]
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered))) - 1))
+    return ordered[index]
+
+
+def _cpu_now() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+# -- the steps -------------------------------------------------------------
+
+
+def downstream(target: Target, s: Settings) -> Measured:
+    cpu = _cpu_now()
+    seconds = client.downstream(target, s.stream_bytes)
+    return {
+        "down_mbps": (s.stream_bytes - 1) / seconds / MB,
+        "down_client_cpu": 100 * (_cpu_now() - cpu) / seconds,
+    }
+
+
+def upstream(target: Target, s: Settings) -> Measured:
+    return {"up_mbps": s.stream_bytes / client.upstream(target, s.stream_bytes) / MB}
+
+
+def latency(target: Target, s: Settings) -> Measured:
+    times = client.round_trips(target, s.round_trips)
+    return {"rtt_p50_us": percentile(times, 50) * 1e6, "rtt_p99_us": percentile(times, 99) * 1e6}
+
+
+def _failures(target: Target, *batches: Opened) -> Measured:
+    """The failed set-ups' count and, when any failed, why (with the proxy's fd limit)."""
+    reasons: dict[str, int] = {}
+    for opened in batches:
+        for reason, count in opened.failures.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    if not reasons:
+        return {}
+    why = ", ".join(f"{count}× {reason}" for reason, count in reasons.items())
+    if target.pid is not None:
+        why += f" (proxy fd limit {fd_limit(target.pid)})"
+    return {"setup_failures": sum(reasons.values()), "failures": why}
+
+
+def _checked(opened: Opened, wanted: int) -> Opened:
+    if not opened.seconds:
+        raise RuntimeError(f"no session opened of {wanted}: {opened.failures}")
+    return opened
+
+
+def setup(target: Target, s: Settings) -> Measured:
+    open_sessions(target, 5, 1)  # warm-up: imports, first allocations
+    sequential = _checked(open_sessions(target, s.setup_sequential, 1), s.setup_sequential)
+    cpu, drops = _cpu_now(), listen_drops()
+    concurrent = _checked(open_sessions(target, s.setup_concurrent, s.parallel), s.setup_concurrent)
+    client_cpu = _cpu_now() - cpu
+    return {
+        "setup_seq_p50_ms": percentile(sequential.seconds, 50) * 1e3,
+        "setup_seq_p99_ms": percentile(sequential.seconds, 99) * 1e3,
+        "setup_conc_p50_ms": percentile(concurrent.seconds, 50) * 1e3,
+        "setup_conc_p99_ms": percentile(concurrent.seconds, 99) * 1e3,
+        "setup_conc_rate": len(concurrent.seconds) / concurrent.wall,
+        "setup_conc_client_cpu": 100 * client_cpu / concurrent.wall,
+        "setup_listen_drops": listen_drops() - drops,
+        **_failures(target, sequential, concurrent),
+    }
+
+
+def _hold(target: Target, sessions: int, parallel: int) -> tuple[int, int, Opened]:
+    """PSS KiB before and while holding ``sessions`` open sessions."""
+    open_sessions(target, 5, 1)  # warm-up, so first-session allocations are in the baseline
+    time.sleep(0.5)
+    baseline = pss_kib(target.pids())
+    opened = open_sessions(target, sessions, parallel, hold=True)
+    time.sleep(1.0)
+    return baseline, pss_kib(target.pids()), opened
+
+
+def memory(target: Target, s: Settings) -> Measured:
+    baseline, loaded, opened = _hold(target, s.held_sessions, s.parallel)
+    try:
+        held = len(_checked(opened, s.held_sessions).held)
+        return {
+            "mem_kib_per_session": (loaded - baseline) / held,
+            "mem_baseline_mib": baseline / 1024,
+            "mem_processes": len(target.pids()),
+            **_failures(target, opened),
+        }
+    finally:
+        close_all(opened.held)
+
+
+def memory_big(target: Target, s: Settings) -> Measured:
+    baseline, loaded, opened = _hold(target, s.big_hold, s.parallel)
+    try:
+        held = len(_checked(opened, s.big_hold).held)
+        return {
+            "mem_big_total_mib": loaded / 1024,
+            "mem_big_kib_per_session": (loaded - baseline) / held,
+            **_failures(target, opened),
+        }
+    finally:
+        close_all(opened.held)
+
+
+def cpu(target: Target, s: Settings) -> Measured:
+    assert target.pid is not None
+    opened = _checked(open_sessions(target, s.cpu_sessions, s.parallel, hold=True), s.cpu_sessions)
+    try:
+        drain(opened.held, 1.0)  # every session flowing before the window opens
+        before, started = cpu_seconds(target.pid), time.monotonic()
+        received, _ = drain(opened.held, s.cpu_seconds)
+        spent, wall = cpu_seconds(target.pid) - before, time.monotonic() - started
+        expected = len(opened.held) * s.cpu_rate * s.cpu_seconds
+        return {
+            "cpu_seconds": spent,
+            "cpu_core_pct": 100 * spent / wall,
+            "cpu_ms_per_session_s": 1000 * spent / (len(opened.held) * wall),
+            "cpu_sessions": len(opened.held),
+            "cpu_delivered_pct": 100 * received / expected,
+            **_failures(target, opened),
+        }
+    finally:
+        close_all(opened.held)
+
+
+@dataclass(frozen=True)
+class Step:
+    group: str
+    backend: str
+    run: Callable[[Target, Settings], Measured]
+    #: run against direct TCP too (no proxy process to account)
+    direct: bool = True
+    only_consoled: bool = False
+    #: put the proxy on the client's CPU: a strict ping-pong needs one core, and a
+    #: wake-up across vCPUs costs this VM ~50 µs at p50 and milliseconds at p99
+    same_core: bool = False
+
+
+STEPS = [
+    Step("throughput", "source", downstream),
+    Step("throughput", "sink", upstream),
+    Step("latency", "echo", latency, same_core=True),
+    Step("setup", "greeter", setup),
+    Step("memory", "greeter", memory, direct=False),
+    Step("memory", "greeter", memory_big, direct=False, only_consoled=True),
+    Step("cpu", "trickle", cpu, direct=False),
+]
+GROUPS = tuple(dict.fromkeys(step.group for step in STEPS))

@@ -1,0 +1,338 @@
+"""Processes the benchmarks run: the backends and each proxy, and /proc accounting.
+
+Every process is started here in its own process group and ended by that
+group's id, so a forking proxy (websockify forks per connection) leaves
+nothing behind.  Readiness is read from ``/proc/net/tcp`` (a listening
+socket on the port) rather than by connecting, which a forking proxy would
+count as a session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+PROXIES = ("consoled", "websockify", "websocat")
+#: Long enough for a full run: one token serves every session of a run.
+TOKEN_TTL = 6 * 3600
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- /proc --------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (field 3 onwards)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its live descendants, from each process's parent id."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def pss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            pass  # it exited meanwhile
+    return total
+
+
+def cpu_seconds(root: int) -> float:
+    """User+system seconds of ``root``, its reaped children, and its live descendants."""
+    total = 0
+    for pid in process_tree(root):
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if pid == root:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return total / CLK_TCK
+
+
+def fd_limit(pid: int) -> int | str:
+    """The process's soft RLIMIT_NOFILE."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    except (OSError, ValueError):
+        pass
+    return "?"
+
+
+def listen_drops() -> int:
+    """Connections this network namespace's listeners dropped (accept queue full)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            counters = dict(zip(names.split()[1:], map(int, values.split()[1:]), strict=True))
+            return counters.get("ListenOverflows", 0) + counters.get("ListenDrops", 0)
+    return 0
+
+
+def listening(port: int) -> bool:
+    wanted = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[1].endswith(wanted) and parts[3] == "0A":
+                return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- processes ----------------------------------------------------------------
+
+
+def raise_fd_limit(wanted: int = 65536) -> int:
+    """Raise RLIMIT_NOFILE as far as allowed (root may lift the hard limit); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in (wanted, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, limit), max(hard, limit)))
+            return max(soft, limit)
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+def _preexec(cpus: set[int] | None) -> Callable[[], None]:
+    def setup() -> None:
+        raise_fd_limit()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
+@contextmanager
+def running(
+    argv: list[str],
+    log_path: Path,
+    *,
+    cpus: set[int] | None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    stdout: int | IO[Any] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` in its own process group; end the group on exit."""
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            argv,
+            stdout=log if stdout is None else stdout,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_preexec(cpus),
+        )
+        try:
+            yield process
+        finally:
+            _end_group(process)
+
+
+def _end_group(process: subprocess.Popen[bytes]) -> None:
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def wait_listening(
+    port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} before listening")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on {port} within {timeout:g}s")
+        time.sleep(0.02)
+
+
+@contextmanager
+def backends(
+    workdir: Path, cpus: set[int] | None, **options: int | float
+) -> Iterator[dict[str, int]]:
+    """The backends process; yields each behaviour's port."""
+    argv = [sys.executable, str(HERE / "backends.py")]
+    for name, value in options.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    with running(argv, workdir / "backends.log", cpus=cpus, stdout=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"backends did not start: see {workdir / 'backends.log'}")
+        yield json.loads(line)
+
+
+# -- the proxies --------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Where the client connects for one proxy (or directly to the backend)."""
+
+    name: str
+    port: int
+    path: str = "/"
+    websocket: bool = True
+    #: the proxy's main process; None for direct TCP
+    pid: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pids(self) -> list[int]:
+        return [] if self.pid is None else process_tree(self.pid)
+
+
+def websocat_binary() -> str | None:
+    beside = Path(sys.executable).parent / "websocat"
+    return str(beside) if beside.exists() else shutil.which("websocat")
+
+
+class ConsoledSetup:
+    """consoled's database (upgraded once) and a token per backend port."""
+
+    def __init__(self, workdir: Path) -> None:
+        sys.path.insert(0, str(CHECKOUT))
+        from consoled.store import Store, schema
+        from consoled.store.engine import make_engine
+        from consoled.store.runner import InlineRunner
+
+        self.workdir = workdir
+        self.url = f"sqlite:///{workdir / 'consoled.sqlite'}"
+        engine = make_engine(self.url)
+        schema.upgrade(engine)
+        self.store = Store(engine, InlineRunner(), _WallClock())
+        self._tokens: dict[int, str] = {}
+
+    def token(self, backend_port: int) -> str:
+        if backend_port not in self._tokens:
+            issued: list[Any] = []
+            self.store.authorize(
+                console_type="novnc",
+                host="127.0.0.1",
+                port=backend_port,
+                instance_uuid="9b2c4f0e-3d1a-4c5b-8e7f-0a1b2c3d4e5f",
+                access_url_base="http://127.0.0.1/vnc_auto.html",
+                ttl=TOKEN_TTL,
+            ).addCallback(issued.append)
+            self._tokens[backend_port] = issued[0].token
+        return self._tokens[backend_port]
+
+    def config(self, port: int) -> Path:
+        path = self.workdir / f"consoled-{port}.conf"
+        path.write_text(
+            "[database]\n"
+            f"connection = {self.url}\n"
+            "[vnc]\n"
+            "enabled = true\n"
+            "novncproxy_host = 127.0.0.1\n"
+            f"novncproxy_port = {port}\n"
+            f"novncproxy_base_url = http://127.0.0.1:{port}/vnc_auto.html\n"
+            "[consoled]\n"
+            "proxy_name = bench\n"
+            "xvp_enabled = false\n"
+            "ping_interval = 0\n"
+        )
+        return path
+
+
+class _WallClock:
+    def seconds(self) -> float:
+        return time.time()
+
+
+@contextmanager
+def proxy(
+    name: str,
+    backend_port: int,
+    workdir: Path,
+    consoled: ConsoledSetup,
+    cpus: set[int] | None,
+    profile: Path | None = None,
+) -> Iterator[Target]:
+    """Start one proxy in front of ``backend_port``; ``direct`` starts nothing.
+
+    ``profile``: run consoled under twistd's cProfile, stats written there on exit.
+    """
+    if name == "direct":
+        yield Target("direct", backend_port, websocket=False)
+        return
+    port = free_port()
+    path = "/"
+    env: dict[str, str] = {}
+    backend = f"127.0.0.1:{backend_port}"
+    if name == "consoled":
+        path = f"/?token={consoled.token(backend_port)}"
+        run = "from twisted.scripts.twistd import run; run()"
+        argv = [sys.executable, "-c", run, "-n", "--pidfile="]
+        if profile is not None:
+            argv += ["--profile", str(profile), "--profiler", "cprofile", "--savestats"]
+        argv += ["consoled", "--config-file", str(consoled.config(port))]
+        env["PYTHONPATH"] = str(CHECKOUT)
+    elif name == "websockify":
+        argv = [sys.executable, "-m", "websockify", f"127.0.0.1:{port}", backend]
+    elif name == "websocat":
+        binary = websocat_binary()
+        assert binary is not None
+        argv = [binary, "-q", "--binary", "--server-protocol", "binary"]
+        argv += [f"ws-l:127.0.0.1:{port}", f"tcp:{backend}"]
+    else:
+        raise ValueError(name)
+    with running(argv, workdir / f"{name}.log", cpus=cpus, env=env, cwd=workdir) as process:
+        wait_listening(port, process, name)
+        yield Target(name, port, path, websocket=True, pid=process.pid)

