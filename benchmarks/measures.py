@@ -62,7 +62,9 @@ class Metric:
 METRICS = [
     Metric("down_mbps", "downstream MB/s", +1),
     Metric("down_client_cpu", "  client CPU % while reading", 0),
+    Metric("down_proxy_cpu", "  proxy CPU % (tick-grained)", 0),
     Metric("up_mbps", "upstream MB/s (64 KiB masked frames)", +1),
+    Metric("up_proxy_cpu", "  proxy CPU % (tick-grained)", 0),
     Metric("rtt_p50_us", "1-byte echo RTT p50 µs", -1),
     Metric("rtt_p99_us", "1-byte echo RTT p99 µs", -1),
     Metric("rtt_added_p50_us", "  added p50 µs (proxy − direct)", -1),
@@ -102,17 +104,31 @@ def _cpu_now() -> float:
 # -- the steps -------------------------------------------------------------
 
 
+def _proxy_cpu(target: Target) -> float:
+    return 0.0 if target.pid is None else cpu_seconds(target.pid)
+
+
 def downstream(target: Target, s: Settings) -> Measured:
-    cpu = _cpu_now()
+    cpu, proxy_cpu, started = _cpu_now(), _proxy_cpu(target), time.perf_counter()
     seconds = client.downstream(target, s.stream_bytes)
-    return {
+    wall = time.perf_counter() - started  # with the set-up, like the CPU counters
+    measured: Measured = {
         "down_mbps": (s.stream_bytes - 1) / seconds / MB,
-        "down_client_cpu": 100 * (_cpu_now() - cpu) / seconds,
+        "down_client_cpu": 100 * (_cpu_now() - cpu) / wall,
     }
+    if target.pid is not None:
+        measured["down_proxy_cpu"] = 100 * (_proxy_cpu(target) - proxy_cpu) / wall
+    return measured
 
 
 def upstream(target: Target, s: Settings) -> Measured:
-    return {"up_mbps": s.stream_bytes / client.upstream(target, s.stream_bytes) / MB}
+    proxy_cpu, started = _proxy_cpu(target), time.perf_counter()
+    seconds = client.upstream(target, s.stream_bytes)
+    measured: Measured = {"up_mbps": s.stream_bytes / seconds / MB}
+    if target.pid is not None:
+        wall = time.perf_counter() - started
+        measured["up_proxy_cpu"] = 100 * (_proxy_cpu(target) - proxy_cpu) / wall
+    return measured
 
 
 def latency(target: Target, s: Settings) -> Measured:

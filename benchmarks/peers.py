@@ -97,6 +97,20 @@ def fd_limit(pid: int) -> int | str:
     return "?"
 
 
+def busy_cpus(seconds: float = 1.0) -> float:
+    """How many CPUs' worth of work the machine does over ``seconds`` (before a run)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle, iowait
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
+
+
 def listen_drops() -> int:
     """Connections this network namespace's listeners dropped (accept queue full)."""
     lines = Path("/proc/net/netstat").read_text().splitlines()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from measures import GROUPS, METRICS, QUICK, STEPS, Settings, Step, memory_big
-from peers import ConsoledSetup, backends, proxy, raise_fd_limit, websocat_binary
+from peers import ConsoledSetup, backends, busy_cpus, proxy, raise_fd_limit, websocat_binary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("direct", "consoled", "websockify", "websocat")
@@ -217,6 +217,12 @@ def main() -> None:
     if args.profile_consoled:
         notes.append("consoled ran under cProfile: its numbers are slower than normal")
     fd_limit = raise_fd_limit()
+    busy = busy_cpus()
+    if busy > 0.1:
+        notes.append(
+            f"before the run the machine was already busy ({busy:.2f} CPUs' worth):"
+            " other work competes with the proxies and the numbers are noisy"
+        )
     workdir = RESULTS / "work"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -252,6 +258,7 @@ def main() -> None:
             "python": platform.python_version(),
             "kernel": platform.release(),
             "client_fd_limit": fd_limit,
+            "busy_cpus_before": busy,
         },
         "pinning": {"proxy": sorted(proxy_cpus or ()), "client": sorted(client_cpus or ())},
         "seconds": time.monotonic() - started,

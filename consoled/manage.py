@@ -8,7 +8,7 @@
     consoled-manage token revoke --instance UUID
     consoled-manage token clean
     consoled-manage session list [--all]
-    consoled-manage session kick ID | --instance UUID [--reason TEXT]
+    consoled-manage session kick ID | --instance UUID [--reason TEXT] [--takeover]
 
 Every failure is one line on stderr and a non-zero exit: 2 for a bad
 command line or configuration, 1 for a database that cannot be used.
@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("id", nargs="?", type=_session_id)
     which.add_argument("--instance", type=_uuid)
     kick.add_argument("--reason", default="")
+    kick.add_argument(
+        "--takeover",
+        action="store_true",
+        help="hand a serial port to its first spectator; the writer becomes read-only",
+    )
     return parser
 
 
@@ -232,7 +237,7 @@ def _session_command(args: argparse.Namespace, store: Store, now: float, out: An
             )
         return
     count = yield store.request_kick(
-        session_id=args.id, instance_uuid=args.instance, reason=args.reason
+        session_id=args.id, instance_uuid=args.instance, reason=args.reason, takeover=args.takeover
     )
     if count == 0:
         raise CommandError("no live session matched")

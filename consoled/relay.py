@@ -37,6 +37,9 @@ class ClientSide(Protocol):
 
     def close(self, ending: Ending) -> None: ...
 
+    def rebind(self, endpoint: Any) -> None:
+        """From now on hand the user's bytes to ``endpoint`` (a takeover swaps them)."""
+
 
 class TransportClientSide:
     """For a door whose user's transport is both the consumer and the producer."""
@@ -50,6 +53,9 @@ class TransportClientSide:
     @property
     def producer(self) -> Any:
         return self.transport
+
+    def rebind(self, endpoint: Any) -> None:
+        self.relay = endpoint
 
 
 class BackendSide(Protocol):
@@ -109,6 +115,17 @@ class Relay:
         if pending:
             backend.transport.writeSequence(pending)
             self.client.producer.resumeProducing()
+
+    def hand_over(self, client: ClientSide) -> ClientSide:
+        """Give the console to another user on the same connection; returns the previous one."""
+        assert self.backend is not None
+        previous, transport = self.client, self.backend.transport
+        previous.consumer.unregisterProducer()
+        transport.unregisterProducer()
+        self.client = client
+        client.consumer.registerProducer(transport, True)
+        transport.registerProducer(client.producer, True)
+        return previous
 
     # -- data ---------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from consoled.backends.tcp import BackendProtocol, connect_backend
 from consoled.endings import Ending, Kind, Refusal
 from consoled.recording import Recorder, Recording
 from consoled.relay import ClientSide, Relay
-from consoled.spectators import READ_ONLY, Spectator
+from consoled.spectators import DEMOTED, PROMOTED, READ_ONLY, Spectator
 from consoled.store import Store
 from consoled.store.runner import observe
 from consoled.tokens import ConnectInfo
@@ -220,11 +220,24 @@ class Sessions(Service):
         writer = self._writers.get((info.host, info.port))
         if not self.can_watch(info) or writer is None or writer.relay is None:
             return None
-        relay = writer.relay
+        spectator = self._join(writer.relay, info, door, client_address, client)
+        client.send(READ_ONLY)
+        log.info(
+            "spectator {client} joined {host}:{port} of writer session {session_id}",
+            client=client_address,
+            host=info.host,
+            port=info.port,
+            session_id=writer.id,
+        )
+        return spectator
+
+    def _join(
+        self, relay: Relay, info: ConnectInfo, door: str, client_address: str, client: ClientSide
+    ) -> Spectator:
+        """Add a read-only user to a writer's relay, with a spectator row of its own."""
         row = self._store.open_session(
             info=info, door=door, client_address=client_address, proxy=self.proxy, mode="spectator"
         )
-
         self._watching.add(row)
 
         def ended(ending: Ending) -> None:
@@ -240,25 +253,49 @@ class Sessions(Service):
             )
             row.addErrback(lambda f: log.failure("spectator row", f))
             row.addBoth(lambda _: self._watching.discard(row))
-            log.info(
-                "spectator {client} of {host}:{port} left ({ending})",
-                client=client_address,
-                host=info.host,
-                port=info.port,
-                ending=str(ending),
-            )
 
         spectator = Spectator(client, ended)
+        spectator.client_address, spectator.door = client_address, door
         relay.watchers.append(spectator)
-        client.send(READ_ONLY)
-        log.info(
-            "spectator {client} joined {host}:{port} of writer session {session_id}",
-            client=client_address,
-            host=info.host,
-            port=info.port,
-            session_id=writer.id,
-        )
         return spectator
+
+    def takeover(self, session: Session) -> bool:
+        """Hand a writer's console to its first spectator; the writer watches from then on.
+
+        The console's one connection stays up: only the users swap places.
+        False when there is nobody to hand it to.
+        """
+        relay = session.relay
+        if not self.spectators or relay is None or relay.backend is None or not relay.watchers:
+            return False
+        promoted = relay.watchers[0]
+        promoted.detach(Ending(Kind.KICKED, "promoted to writer by an operator"))
+        previous = relay.hand_over(promoted.client)
+        promoted.client.rebind(relay)
+        old_address, old_door = session.client_address, session.door
+        session.client_address, session.door = promoted.client_address, promoted.door
+        demoted = self._join(relay, session.info, old_door, old_address, previous)
+        previous.rebind(demoted)
+        promoted.client.send(PROMOTED)
+        previous.send(DEMOTED)
+        assert session.id is not None
+        d = self._store.reassign_session(
+            session.id, client_address=promoted.client_address, door=promoted.door
+        )
+        d.addErrback(lambda f: log.failure("takeover row", f))
+        if session.recording is not None:
+            session.recording.event(
+                f"takeover: {promoted.client_address} writes, {old_address} watches"
+            )
+        log.info(
+            "session {session_id}: an operator handed {host}:{port} from {old} to {new}",
+            session_id=session.id,
+            host=session.info.host,
+            port=session.info.port,
+            old=old_address,
+            new=promoted.client_address,
+        )
+        return True
 
     def _admitted(self, admission: Admission, session: Session) -> None:
         session.holds_lease = admission.holds_lease
@@ -429,6 +466,8 @@ class Sessions(Service):
             if session is None or session.relay is None:
                 continue
             reason = kick["kick_reason"] or ""
+            if kick["kick_takeover"] and self.takeover(session):
+                continue
             log.info(
                 "session {session_id} kicked by an operator: {reason}",
                 session_id=session.id,

@@ -21,6 +21,8 @@ from consoled.relay import ClientSide
 #: How far a paused spectator may fall behind before it is closed.
 MAX_LAG = 1024 * 1024
 
+PROMOTED = b"\r\n[an operator handed you this console: you can type now]\r\n"
+DEMOTED = b"\r\n[an operator handed this console to another user: you are read-only now]\r\n"
 READ_ONLY = b"\r\n[read-only: another user is typing on this console; your keys are dropped]\r\n"
 
 
@@ -57,6 +59,13 @@ class Spectator:
                 self.end(Ending(Kind.INTERNAL, "spectator too slow to keep up"))
                 return
         self.client.send(data)
+
+    def detach(self, ending: Ending) -> None:
+        """Stop watching without closing the user (promoted to writer)."""
+        if self.ending is None:
+            self.ending = ending
+            self.client.consumer.unregisterProducer()
+            self._on_end(ending)
 
     def end(self, ending: Ending) -> None:
         if self.ending is not None:

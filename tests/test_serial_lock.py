@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from tests import hypervisors
 from tests.harness import Consoled, test_settings
+from tests.serialclient import TerminalClient
 from tests.wsclient import http_request, upgrade_request, ws_connect
 
 
@@ -113,3 +115,68 @@ class SpectatorTests(TestCase):
         self.assertEqual([row["mode"] for row in rows], ["writer", "writer", "spectator"])
         self.assertTrue(rows[1]["end_reason"].startswith("console port in use"))
         self.assertTrue(all(row["ended_at"] for row in consoled.session_rows()))
+
+
+class TakeoverTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_takeover_hands_the_port_to_the_spectator(self) -> Any:
+        """kick --takeover: the spectator types to the console, the old writer only watches."""
+        consoled = Consoled(self, test_settings(serial_spectators=True))
+        echo = hypervisors.serve(self, hypervisors.Echo)
+        writer = yield ws_connect(
+            consoled.port("serial"),
+            (yield consoled.authorize("serial", "127.0.0.1", echo.port)).token,
+        )
+        writer.send(b"w1")
+        yield writer.read(2)
+        # The waiting user comes through the raw TCP door and becomes a spectator.
+        waiting = TerminalClient((yield consoled.authorize("serial", "127.0.0.1", echo.port)).token)
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", consoled.port("serial-tcp")), waiting
+        )
+        while b"read-only" not in waiting._head:
+            yield _tick()
+        writer_row = consoled.session_rows()[0]
+        yield consoled.store.request_kick(
+            session_id=writer_row["id"], reason="hand over", takeover=True
+        )
+        yield consoled.sessions.touch()
+        yield writer.read_until(b"you are read-only now]\r\n")
+        while b"you can type now]" not in waiting._head:
+            yield _tick()
+        waiting.transport.write(b"from-new")
+        self.assertEqual((yield writer.read_until(b"from-new"))[-8:], b"from-new")  # watches
+        writer.send(b"ignored")  # dropped, and the old writer is told
+        yield writer.read_until(b"keys are dropped]\r\n")
+        waiting.transport.write(b"+more")
+        yield writer.read_until(b"+more")
+        self.assertEqual(len(echo.connected), 1)  # one console connection all along
+
+        def writer_now() -> dict[str, Any]:
+            return [r for r in consoled.session_rows() if r["id"] == writer_row["id"]][0]
+
+        for _ in range(500):  # the row is rewritten on the store's thread
+            if not writer_now()["kick_requested"]:
+                break
+            yield _tick()
+        row = writer_now()
+        self.assertEqual(
+            (row["door"], row["ended_at"], row["kick_requested"]), ("serial-tcp", None, False)
+        )
+        yield consoled.sessions.touch()  # the kick is done: no second takeover or close
+        writer.send(b"still-here")  # still read-only: never echoed by the console
+        waiting.transport.write(b"+last")
+        seen = yield writer.read_until(b"+last")
+        self.assertNotIn(b"still-here", seen)
+        waiting.transport.loseConnection()
+        code, reason = yield writer.closed
+        self.assertIn("the writer's session ended", reason)
+        yield consoled.wait_sessions_ended()
+
+
+def _tick() -> defer.Deferred[None]:
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, 0.01, lambda: None)

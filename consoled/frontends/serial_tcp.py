@@ -410,6 +410,15 @@ class SerialTCPProtocol(Protocol):
         elif self.state != "closed":
             self._unavailable(ending)
 
+    def rebind(self, endpoint: Any) -> None:
+        """A takeover: become the writer of ``endpoint`` (a Relay), or watch it."""
+        if isinstance(endpoint, Relay):
+            self.relay, self.state, self._ready = endpoint, "relaying", True
+            self._stop_watching = None
+        else:
+            self.relay, self.state = None, "watching"
+            self._stop_watching = endpoint.client_lost
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         previous, self.state = self.state, "closed"
         self._cancel_deadline()

@@ -199,6 +199,23 @@ class SessionRows:
             statement = statement.where(sessions_table.c.instance_uuid == instance_uuid)
         return self._run(lambda connection: connection.execute(statement).rowcount)
 
+    def reassign_session(
+        self, session_id: int, *, client_address: str, door: str
+    ) -> defer.Deferred[None]:
+        """A takeover: the writer's row now names its new user; the kick is done."""
+        statement = (
+            sessions_table.update()
+            .where(sessions_table.c.id == session_id)
+            .values(
+                client_address=client_address[:255],
+                door=door,
+                kick_requested=False,
+                kick_takeover=False,
+                kick_reason=None,
+            )
+        )
+        return self._run(lambda connection: connection.execute(statement) and None)
+
     def list_sessions(self, *, live: bool = True) -> defer.Deferred[list[dict[str, Any]]]:
         query = sa.select(sessions_table).order_by(sessions_table.c.id)
         if live:
