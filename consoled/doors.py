@@ -33,7 +33,9 @@ PACKAGED_WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 
 
 def endpoint_string(host: str, port: int) -> str:
-    return f"tcp:port={port}:interface={host.replace(':', chr(92) + ':')}"
+    # Twisted's default backlog of 50 drops SYNs when a hundred browsers
+    # connect at once (each then waits a 1 s SYN retry).
+    return f"tcp:port={port}:interface={host.replace(':', chr(92) + ':')}:backlog=1024"
 
 
 class DoorService(Service):

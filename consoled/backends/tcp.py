@@ -114,6 +114,7 @@ def connect_backend(
     """
     endpoint = _endpoint(reactor, host, port, timeout)
     factory = Factory.forProtocol(lambda: BackendProtocol(connect_path))
+    factory.noisy = False  # one factory per session: no "Starting factory" line each time
     connecting = endpoint.connect(factory)
 
     def connected(protocol: BackendProtocol) -> defer.Deferred[BackendProtocol]:
