@@ -1,6 +1,6 @@
 """Packaging for consoled: a remote-console gateway for clouds, one Twisted daemon."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="consoled",
@@ -14,8 +14,7 @@ setup(
     # is shipped inside the wheel as consoled/sql, so one function
     # (consoled.store.schema.migrations_directory) finds it in both places.
     packages=[
-        "consoled",
-        "consoled.store",
+        *find_packages(include=["consoled", "consoled.*"]),
         "consoled.sql",
         "consoled.sql.versions",
         "twisted.plugins",

@@ -143,7 +143,8 @@ class WheelTests(TestCase):
 
     @defer.inlineCallbacks
     def test_wheel_carries_migrations(self) -> Any:
-        """A built wheel holds consoled/sql; unpacked elsewhere it finds its head revision."""
+        """A built wheel holds every module, the web page and consoled/sql; unpacked
+        elsewhere the daemon's modules import and it finds its head revision."""
         checkout = os.path.dirname(os.path.dirname(os.path.abspath(schema.__file__)))
         checkout = os.path.dirname(checkout)
         out = os.path.abspath(self.mktemp())
@@ -163,6 +164,11 @@ class WheelTests(TestCase):
         self.assertIn("twisted/plugins/consoled_plugin.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         probe = (
+            "import pkgutil, consoled, os; "
+            "[__import__(m.name) for m in pkgutil.walk_packages(consoled.__path__, 'consoled.')"
+            " if not m.name.startswith('consoled.sql')]; "
+            "import consoled.service, consoled.doors; "
+            "assert os.path.exists(os.path.join(consoled.__path__[0], 'web', 'serial.html')); "
             "from consoled.store import schema; "
             "print(schema.migrations_directory()); print(schema.head_revision())"
         )
