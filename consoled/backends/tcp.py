@@ -19,6 +19,9 @@ from twisted.python.failure import Failure
 
 from consoled.endings import Kind, Refusal
 
+#: How much one read from the hypervisor takes at most.
+READ_SIZE = 256 * 1024
+
 #: The most of a CONNECT answer's head we read before giving up on it.
 MAX_CONNECT_ANSWER = 16 * 1024
 
@@ -38,6 +41,9 @@ class BackendProtocol(Protocol):
         self._lost: Failure | None = None
 
     def connectionMade(self) -> None:
+        # Read the console in large chunks: fewer, bigger frames to the user.
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = READ_SIZE
         if self._connect_path is None:
             self.ready.callback(self)
             return
