@@ -29,7 +29,7 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -267,7 +267,23 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
             header = _HEADER_16.pack(0x82, 126, size)
         else:
             header = _HEADER_64.pack(0x82, 127, size)
-        self.transport.writeSequence((header, data))
+        transport = self.transport
+        if not _idle_tcp(transport):
+            transport.writeSequence((header, data))
+            return
+        # Nothing queued: hand header and payload to the kernel in one
+        # scatter-gather call.  This spares Twisted's join of its write
+        # buffer, a full copy of every byte (1.6x websockify's downstream
+        # instead of 1.2x, benchmarks/run.py); what the kernel does not take
+        # is queued on the transport as usual, with its flow control.
+        try:
+            sent = transport.socket.sendmsg((header, data))
+        except OSError:
+            sent = 0  # EAGAIN, or an error the transport's own write reports
+        if sent < len(header):
+            transport.writeSequence((header[sent:], data))
+        elif sent < len(header) + size:
+            transport.write(data[sent - len(header) :])
 
     def close(self, ending: Ending) -> None:
         code = CLOSE_CODES.get(ending.kind, 1011)
@@ -294,6 +310,21 @@ class ConsoleServerFactory(WebSocketServerFactory):
             maxFramePayloadSize=MAX_MESSAGE,
         )
         self.server = "consoled"
+
+
+def _idle_tcp(transport: Any) -> bool:
+    """A plain TCP transport with an empty write buffer, not closing.
+
+    Checked by type: a TLS wrapper forwards unknown attributes (``socket``
+    too) to the TCP transport beneath it, and writing there would skip TLS.
+    """
+    return (
+        type(transport) is tcp.Server
+        and not transport._tempDataBuffer
+        and len(transport.dataBuffer) == transport.offset
+        and transport.connected
+        and not transport.disconnecting
+    )
 
 
 def _client_address(request: ConnectionRequest, peer: str, trusted: tuple[Network, ...]) -> str:
