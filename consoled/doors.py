@@ -7,14 +7,17 @@ operator never runs a consoled that silently lacks a door.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from consoled.authorizer import Authorizer
 from consoled.config import Settings
@@ -36,6 +39,33 @@ def endpoint_string(host: str, port: int) -> str:
     # Twisted's default backlog of 50 drops SYNs when a hundred browsers
     # connect at once (each then waits a 1 s SYN retry).
     return f"tcp:port={port}:interface={host.replace(':', chr(92) + ':')}:backlog=1024"
+
+
+@implementer(IStreamServerEndpoint)
+class SharedPortEndpoint:
+    """A TCP listener that every consoled worker binds too (``SO_REUSEPORT``).
+
+    The kernel spreads new connections over the workers' sockets; sessions,
+    leases and kicks of all workers meet in the database.
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, backlog: int = 1024) -> None:
+        self._reactor, self._host, self._port, self._backlog = reactor, host, port, backlog
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self._host, self._port))
+            sock.listen(self._backlog)
+            sock.setblocking(False)
+            return defer.succeed(self._reactor.adoptStreamPort(sock.fileno(), family, factory))
+        except OSError as error:
+            return defer.fail(CannotListenError(self._host, self._port, error))
+        finally:
+            sock.close()  # adoptStreamPort keeps its own duplicate of the descriptor
 
 
 class DoorService(Service):
@@ -108,7 +138,10 @@ def door(
     reactor: Any,
 ) -> DoorService:
     """A listener on host:port serving ``factory``, behind TLS as configured."""
-    endpoint = serverFromString(reactor, endpoint_string(host, port))
+    if settings.consoled.workers > 1:
+        endpoint: Any = SharedPortEndpoint(reactor, host, port)
+    else:
+        endpoint = serverFromString(reactor, endpoint_string(host, port))
     wrapped = tls_factory(factory, tls, settings.default.ssl_only, first_byte_timeout)
     return DoorService(name, description, endpoint, wrapped)
 

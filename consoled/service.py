@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -33,6 +34,8 @@ log = Logger()
 class Options(usage.Options):
     synopsis = "[--config-file FILE ...]"
     longdesc = "Serve remote consoles (noVNC, SPICE, serial, XVP) from one reactor."
+
+    optParameters = [["worker", None, None, "internal: run as worker N of [consoled] workers"]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,8 +117,11 @@ def prepare_schema(store: Store, embedded: bool) -> None:
         raise SystemExit(f"consoled: {describe_error(error, store.engine.url)}")
 
 
-def proxy_name(settings: Settings) -> str:
-    return settings.consoled.proxy_name or f"{socket.gethostname()}:{os.getpid()}"
+def proxy_name(settings: Settings, worker: int = 0) -> str:
+    name = settings.consoled.proxy_name
+    if name is None:
+        return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{name}/w{worker}" if worker else name
 
 
 def recorder_from_settings(settings: Settings, reactor: Any) -> Recorder | None:
@@ -140,14 +146,54 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         recycle=settings.database.connection_recycle_time,
     )
     prepare_schema(store, embedded)
+    worker = int(options["worker"] or 0)
     try:
-        return compose(settings, store, reactor)
+        top = compose(settings, store, reactor, worker=worker)
+        if settings.consoled.workers > 1 and not worker:
+            workers_monitor(options, settings.consoled.workers, reactor).setServiceParent(top)
+        return top
     except TLSError as error:
         raise SystemExit(f"consoled: {error}")
 
 
+def workers_monitor(options: Options, workers: int, reactor: Any) -> IService:
+    """Runs workers 1..N-1 as twistd processes and restarts any that die."""
+    from twisted.runner.procmon import ProcessMonitor
+
+    monitor = ProcessMonitor(reactor=reactor)
+    monitor.setName("workers")
+    twistd = "from twisted.scripts.twistd import run; run()"
+    for worker in range(1, workers):
+        argv = [sys.executable, "-c", twistd, "-n", "--pidfile=", "consoled"]
+        for path in options["config_files"]:
+            argv += ["--config-file", os.path.abspath(path)]
+        monitor.addProcess(f"worker-{worker}", argv + ["--worker", str(worker)], env=os.environ)
+    return monitor
+
+
+def _sweeps(settings: Settings, store: Store) -> MultiService:
+    """Expired tokens and the rows and leases of lost proxies, swept on timers."""
+    sweeps = MultiService()
+    sweeps.setName("sweeps")
+    duty(
+        "token-cleaner",
+        settings.consoled.token_clean_interval,
+        clean_expired_tokens,
+        store,
+        settings.consoled.token_clean_batch,
+    ).setServiceParent(sweeps)
+    duty(
+        "session-janitor",
+        settings.consoled.lease_seconds,
+        end_lost_sessions,
+        store,
+        3 * settings.consoled.lease_seconds,
+    ).setServiceParent(sweeps)
+    return sweeps
+
+
 def compose(
-    settings: Settings, store: Store, reactor: Any, clock: Any = None
+    settings: Settings, store: Store, reactor: Any, clock: Any = None, worker: int = 0
 ) -> SequentialMultiService:
     """Every service of one consoled, in start order (they stop the other way round).
 
@@ -158,7 +204,7 @@ def compose(
     sessions = Sessions(
         store,
         reactor,
-        proxy_name(settings),
+        proxy_name(settings, worker),
         connect_timeout=settings.consoled.connect_timeout,
         idle_timeout=settings.consoled.idle_timeout,
         enforce_session_timeout=settings.consoleauth.enforce_session_timeout,
@@ -169,20 +215,8 @@ def compose(
     )
     sessions.setServiceParent(top)
     duty("session-toucher", settings.consoled.touch_interval, sessions.touch).setServiceParent(top)
-    duty(
-        "token-cleaner",
-        settings.consoled.token_clean_interval,
-        clean_expired_tokens,
-        store,
-        settings.consoled.token_clean_batch,
-    ).setServiceParent(top)
-    duty(
-        "session-janitor",
-        settings.consoled.lease_seconds,
-        end_lost_sessions,
-        store,
-        3 * settings.consoled.lease_seconds,
-    ).setServiceParent(top)
+    if not worker:  # the cell-wide sweeps run in the first process only
+        _sweeps(settings, store).setServiceParent(top)
     tls = server_tls_from_settings(settings)
     if tls is not None:
         CertificateReloader(tls, reactor).setServiceParent(top)
@@ -192,13 +226,13 @@ def compose(
     for door in xvp_doors(settings, authorizer, sessions, reactor, tls):
         door.setServiceParent(top)
     for door in serial_tcp_doors(
-        settings, authorizer, sessions, reactor, tls, proxy_name=proxy_name(settings)
+        settings, authorizer, sessions, reactor, tls, proxy_name=proxy_name(settings, worker)
     ):
         door.setServiceParent(top)
     Announcer(
         reactor,
         "consoled ready: database {database}, proxy {proxy}",
         database=safe_url(store.engine.url),
-        proxy=proxy_name(settings),
+        proxy=proxy_name(settings, worker),
     ).setServiceParent(top)
     return top

@@ -88,16 +88,7 @@ class AssemblyTests(SynchronousTestCase):
         self.assertIsInstance(top, SequentialMultiService)
         self.assertEqual(
             [s.name for s in IServiceCollection(top)],
-            [
-                "store",
-                "sessions",
-                "session-toucher",
-                "token-cleaner",
-                "session-janitor",
-                "novnc",
-                "xvp",
-                "announcer",
-            ],
+            ["store", "sessions", "session-toucher", "sweeps", "novnc", "xvp", "announcer"],
         )
 
     def test_refuses_schema_behind(self) -> None:
