@@ -428,6 +428,7 @@ class Sessions(Service):
             reason=str(ending),
             bytes_to_client=relay.bytes_to_client,
             bytes_to_server=relay.bytes_to_server,
+            release_lease=session.holds_lease,
         )
         d.addErrback(
             lambda f: log.failure(

@@ -21,6 +21,7 @@ catches, logs and answers itself.
 
 from __future__ import annotations
 
+import pprint
 import re
 import struct
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from http import HTTPStatus
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import defer, tcp
 from twisted.logger import Logger
@@ -41,6 +43,27 @@ from consoled.sessions import LEASED_TYPES, Admission, Sessions
 from consoled.tokens import ConnectInfo
 
 log = Logger()
+
+
+class _Formatted:
+    """``pformat`` deferred until a log event is actually rendered."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def __str__(self) -> str:
+        return pprint.pformat(self._value)
+
+    __repr__ = __str__
+
+
+# Autobahn pretty-prints its ~36 protocol options for a debug line on every
+# connection, whether or not debug is on: about 15% of a session's set-up
+# (benchmarks/run.py --profile-consoled).  Formatting lazily keeps that line
+# for whoever turns debug on.
+autobahn_protocol.pformat = _Formatted
 
 HTTP_STATUS = {
     Kind.NO_TOKEN: 401,

@@ -187,11 +187,16 @@ class Store(SessionRows):
         return self._runner.run(clean)
 
 
+#: Every connection's token look-up, built once (see store/sessions.py).
+_VALID = sa.select(*_TOKEN_COLUMNS).where(
+    tokens_table.c.token_hash == sa.bindparam("token_hash"),
+    tokens_table.c.expires > sa.bindparam("now"),
+)
+
+
 def _select_valid(connection: sa.Connection, token_hash: str, now: int) -> ConnectInfo | None:
-    query = sa.select(*_TOKEN_COLUMNS).where(
-        tokens_table.c.token_hash == token_hash, tokens_table.c.expires > now
-    )
-    return _first_connect_info(connection, query)
+    row = connection.execute(_VALID, {"token_hash": token_hash, "now": now}).first()
+    return None if row is None else _connect_info(row)
 
 
 def _first_connect_info(connection: sa.Connection, query: sa.Select[Any]) -> ConnectInfo | None:
