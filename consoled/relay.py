@@ -17,9 +17,62 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 
 from consoled.endings import Ending, Kind
+
+
+def write_now(transport: Any, data: bytes, header: bytes = b"") -> None:
+    """Write ``header + data`` to a transport, straight to the kernel when it can.
+
+    Twisted queues every write until the reactor's next pass.  When nothing
+    is queued ahead on a plain TCP socket, handing the bytes to the kernel
+    now spares that pass (a hop of the one-byte round trip) and the join of
+    Twisted's write buffer (a copy of every byte); ``sendmsg`` takes a frame
+    header and its payload without joining them either.  What the kernel
+    does not take is queued on the transport as usual, with its flow control.
+    """
+    if not _idle_tcp(transport):
+        if header:
+            transport.writeSequence((header, data))
+        else:
+            transport.write(data)
+        return
+    try:
+        sent = transport.socket.sendmsg((header, data)) if header else transport.socket.send(data)
+    except OSError:
+        sent = 0  # EAGAIN, or an error the transport's own write reports
+    if sent < len(header):
+        transport.writeSequence((header[sent:], data))
+    elif sent < len(header) + len(data):
+        transport.write(data[sent - len(header) :])
+
+
+def _idle_tcp(transport: Any) -> bool:
+    """A plain TCP transport with an empty write buffer, not closing.
+
+    Checked by type: a TLS wrapper forwards unknown attributes (``socket``
+    too) to the TCP transport beneath it, and writing there would skip TLS.
+    """
+    return (
+        type(transport) in _PLAIN_TCP
+        and not transport._tempDataBuffer
+        and len(transport.dataBuffer) == transport.offset
+        and transport.connected
+        and not transport.disconnecting
+    )
+
+
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+def no_delay(transport: Any) -> None:
+    """Turn off Nagle's algorithm on a TCP transport (TLS wrappers pass it down)."""
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass  # not TCP (a test's transport), or already closed
 
 
 class ClientSide(Protocol):
@@ -107,6 +160,10 @@ class Relay:
             backend.transport.loseConnection()
             return
         self.backend = backend
+        # Consoles are interactive: a keystroke or a small screen update must
+        # not wait behind Nagle's algorithm for an ACK.
+        no_delay(backend.transport)
+        no_delay(self.client.consumer)
         self.client.ready()
         backend.attach(self)
         self.client.consumer.registerProducer(backend.transport, True)
@@ -137,7 +194,7 @@ class Relay:
             self._pending.append(data)
             self.client.producer.pauseProducing()
             return
-        self.backend.transport.write(data)
+        write_now(self.backend.transport, data)
 
     def from_backend(self, data: bytes) -> None:
         self.bytes_to_client += len(data)

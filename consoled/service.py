@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from consoled import malloc
 from consoled.authorizer import Authorizer
 from consoled.config import ConfigError, Settings, load_settings
 from consoled.doors import CertificateReloader, serial_tcp_doors, websocket_doors, xvp_doors
@@ -138,6 +139,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     settings = options.settings
+    malloc.tune()
     store, embedded = open_store(
         settings.database.connection,
         reactor,

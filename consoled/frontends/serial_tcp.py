@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from consoled.authorizer import MAX_TOKEN_LENGTH, Authorizer, log_refusal
 from consoled.endings import Ending, Kind, Refusal
 from consoled.policy import check_console_type
-from consoled.relay import Relay
+from consoled.relay import Relay, write_now
 from consoled.sessions import Sessions
 from consoled.tokens import ConnectInfo
 
@@ -402,7 +402,9 @@ class SerialTCPProtocol(Protocol):
         self.transport.resumeProducing()
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data.replace(b"\xff", b"\xff\xff") if self.speaks_telnet else data)
+        write_now(
+            self.transport, data.replace(b"\xff", b"\xff\xff") if self.speaks_telnet else data
+        )
 
     def close(self, ending: Ending) -> None:
         if self._ready or self.state == "watching":

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from consoled.authorizer import Authorizer, log_refusal
 from consoled.endings import Ending, Kind, Refusal
 from consoled.policy import check_console_type
-from consoled.relay import Relay, TransportClientSide
+from consoled.relay import Relay, TransportClientSide, write_now
 from consoled.sessions import Sessions
 from consoled.tokens import ConnectInfo
 
@@ -211,7 +211,7 @@ class XVPProtocol(TransportClientSide, Protocol):
         self.transport.resumeProducing()
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)
+        write_now(self.transport, data)
 
     def close(self, ending: Ending) -> None:
         if self.state == "relaying":
