@@ -9,6 +9,9 @@ SIGTERM.  Behaviours:
 - ``sink``: discards what arrives and answers ``!`` once ``--sink-bytes`` have come;
 - ``greeter``: sends ``RFB 003.008\\n`` on connect (a VNC server's first
   words), then holds the connection and discards input;
+- ``spring``: sends ``--spring-bytes`` with ``sendfile`` from a 64 MiB file of
+  zeros, over and over (no copy through this process, so four of them barely
+  load a CPU), then closes;
 - ``trickle``: sends ``--trickle-rate`` bytes per second to every connection,
   a chunk every ``--trickle-period`` seconds, connections spread over the period.
 """
@@ -21,11 +24,13 @@ import json
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 CHUNK = memoryview(bytes(1 << 20))
 GREETING = b"RFB 003.008\n"
+SPRING_FILE = 64 << 20
 #: Subdivisions of the trickle period, so sessions do not all burst at once.
 TRICKLE_SLOTS = 10
 
@@ -71,6 +76,28 @@ class Source(_Base):
     def resume_writing(self) -> None:
         self.paused = False
         self._fill()
+
+
+class Spring(_Base):
+    def __init__(self, path: str, total: int) -> None:
+        self.path = path
+        self.total = total
+
+    def started(self) -> None:
+        self.task = asyncio.ensure_future(self._send())
+
+    async def _send(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            left = self.total
+            with open(self.path, "rb") as file:
+                while left > 0:
+                    count = min(left, SPRING_FILE)
+                    await loop.sendfile(self.transport, file, 0, count)
+                    left -= count
+        except (ConnectionError, RuntimeError):
+            pass  # the reader left
+        self.transport.close()
 
 
 class Echo(_Base):
@@ -145,12 +172,17 @@ class Trickler:
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     trickler = Trickler(args.trickle_rate, args.trickle_period)
+    spring = tempfile.NamedTemporaryFile(prefix="consoled-bench-spring-")
+    for _ in range(SPRING_FILE // len(CHUNK)):  # written, so it is in the page cache
+        spring.write(CHUNK)
+    spring.flush()
     makers: dict[str, Callable[[], Any]] = {
         "source": lambda: Source(args.source_bytes),
         "echo": Echo,
         "sink": lambda: Sink(args.sink_bytes),
         "greeter": Greeter,
         "trickle": lambda: Trickle(trickler),
+        "spring": lambda: Spring(spring.name, args.spring_bytes),
     }
     ports = {}
     servers = []
@@ -165,6 +197,7 @@ async def serve(args: argparse.Namespace) -> None:
     ticker = asyncio.create_task(trickler.run())
     await stop.wait()
     ticker.cancel()
+    spring.close()
     if trickler.skipped:
         print(f"backends: trickle skipped {trickler.skipped} chunks", file=sys.stderr)
 
@@ -173,6 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source-bytes", type=int, default=64 << 20)
     parser.add_argument("--sink-bytes", type=int, default=64 << 20)
+    parser.add_argument("--spring-bytes", type=int, default=256 << 20)
     parser.add_argument("--trickle-rate", type=int, default=50_000)
     parser.add_argument("--trickle-period", type=float, default=0.1)
     asyncio.run(serve(parser.parse_args()))

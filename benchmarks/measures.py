@@ -6,13 +6,14 @@ by metric name; :data:`METRICS` says how each is shown and which way is better.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import client
-from peers import Target, cpu_seconds, fd_limit, listen_drops, pss_kib
+from peers import Target, cpu_ns, cpu_seconds, fd_limit, listen_drops, machine_jiffies, pss_kib
 from swarm import Opened, close_all, drain, open_sessions
 
 MB = 1_000_000
@@ -33,6 +34,9 @@ class Settings:
     cpu_sessions: int = 1000
     cpu_seconds: float = 30.0
     cpu_rate: int = 50_000
+    #: the workers step: this many sessions at once, each this long
+    streams: int = 4
+    spring_bytes: int = 1 << 30
     repetitions: int = 3
 
 
@@ -46,6 +50,7 @@ QUICK = Settings(
     big_hold=0,
     cpu_sessions=100,
     cpu_seconds=5.0,
+    spring_bytes=256 << 20,
     repetitions=1,
 )
 
@@ -68,6 +73,7 @@ METRICS = [
     Metric("rtt_p50_us", "1-byte echo RTT p50 µs", -1),
     Metric("rtt_p99_us", "1-byte echo RTT p99 µs", -1),
     Metric("rtt_added_p50_us", "  added p50 µs (proxy − direct)", -1),
+    Metric("rtt_proxy_cpu_us", "  proxy CPU µs per round trip", -1, 1),
     Metric("setup_seq_p50_ms", "set-up sequential p50 ms", -1, 2),
     Metric("setup_seq_p99_ms", "set-up sequential p99 ms", -1, 2),
     Metric("setup_conc_p50_ms", "set-up concurrent p50 ms", -1, 1),
@@ -81,6 +87,11 @@ METRICS = [
     Metric("mem_processes", "  processes while holding", 0),
     Metric("mem_big_total_mib", "PSS MiB total, big hold (consoled)", -1),
     Metric("mem_big_kib_per_session", "  KiB per session, big hold", -1),
+    Metric("streams_1w_mbps", "4 streams at once, 1 worker, MB/s", +1),
+    Metric("streams_2w_mbps", "4 streams at once, 2 workers, MB/s", +1),
+    Metric("streams_1w_machine", "  machine CPU %, 1 worker (all processes)", 0),
+    Metric("streams_2w_machine", "  machine CPU %, 2 workers (all processes)", 0),
+    Metric("streams_2w_gain", "  2 workers / 1 worker", +1, 2),
     Metric("cpu_seconds", "proxy CPU s, trickling sessions", -1, 2),
     Metric("cpu_core_pct", "  % of one core", -1, 1),
     Metric("cpu_sessions", "  sessions held", +1),
@@ -132,8 +143,16 @@ def upstream(target: Target, s: Settings) -> Measured:
 
 
 def latency(target: Target, s: Settings) -> Measured:
+    before = 0 if target.pid is None else cpu_ns(target.pid)
     times = client.round_trips(target, s.round_trips)
-    return {"rtt_p50_us": percentile(times, 50) * 1e6, "rtt_p99_us": percentile(times, 99) * 1e6}
+    measured: Measured = {
+        "rtt_p50_us": percentile(times, 50) * 1e6,
+        "rtt_p99_us": percentile(times, 99) * 1e6,
+    }
+    if target.pid is not None:  # includes the warm-up and the session's set-up
+        spent = cpu_ns(target.pid) - before
+        measured["rtt_proxy_cpu_us"] = spent / 1e3 / len(times)
+    return measured
 
 
 def _failures(target: Target, *batches: Opened) -> Measured:
@@ -159,6 +178,12 @@ def _checked(opened: Opened, wanted: int) -> Opened:
 def setup(target: Target, s: Settings) -> Measured:
     open_sessions(target, 5, 1)  # warm-up: imports, first allocations
     sequential = _checked(open_sessions(target, s.setup_sequential, 1), s.setup_sequential)
+    if target.name == "consoled-serial":  # one writer per port: sequential only
+        return {
+            "setup_seq_p50_ms": percentile(sequential.seconds, 50) * 1e3,
+            "setup_seq_p99_ms": percentile(sequential.seconds, 99) * 1e3,
+            **_failures(target, sequential),
+        }
     cpu, drops = _cpu_now(), listen_drops()
     concurrent = _checked(open_sessions(target, s.setup_concurrent, s.parallel), s.setup_concurrent)
     client_cpu = _cpu_now() - cpu
@@ -232,6 +257,21 @@ def cpu(target: Target, s: Settings) -> Measured:
         close_all(opened.held)
 
 
+def parallel_streams(target: Target, s: Settings) -> Measured:
+    """Aggregate MB/s of ``s.streams`` sessions streaming at once, each read by its own process."""
+    with multiprocessing.get_context("fork").Pool(s.streams) as pool:
+        busy, total = machine_jiffies()
+        runs = pool.starmap(client.discard_stream, [(target, s.spring_bytes)] * s.streams)
+        busy_after, total_after = machine_jiffies()
+    first = min(start for start, _, _ in runs)
+    last = max(end for _, end, _ in runs)
+    share = (busy_after - busy) / (total_after - total)
+    return {
+        "streams_mbps": sum(got for _, _, got in runs) / (last - first) / MB,
+        "machine_pct": 100 * share * (os.cpu_count() or 1),
+    }
+
+
 @dataclass(frozen=True)
 class Step:
     group: str
@@ -240,16 +280,18 @@ class Step:
     #: run against direct TCP too (no proxy process to account)
     direct: bool = True
     only_consoled: bool = False
+    #: meaningful with every session on one console (not for the serial door's one writer)
+    one_console: bool = False
     #: put the proxy on the client's CPU: a strict ping-pong needs one core, and a
     #: wake-up across vCPUs costs this VM ~50 µs at p50 and milliseconds at p99
     same_core: bool = False
 
 
 STEPS = [
-    Step("throughput", "source", downstream),
-    Step("throughput", "sink", upstream),
-    Step("latency", "echo", latency, same_core=True),
-    Step("setup", "greeter", setup),
+    Step("throughput", "source", downstream, one_console=True),
+    Step("throughput", "sink", upstream, one_console=True),
+    Step("latency", "echo", latency, same_core=True, one_console=True),
+    Step("setup", "greeter", setup, one_console=True),
     Step("memory", "greeter", memory, direct=False),
     Step("memory", "greeter", memory_big, direct=False, only_consoled=True),
     Step("cpu", "trickle", cpu, direct=False),

