@@ -23,7 +23,7 @@ from consoled.authorizer import Authorizer
 from consoled.config import Settings
 from consoled.endings import Ending, Kind
 from consoled.frontends.serial_tcp import SerialTCPFactory
-from consoled.frontends.web import door_site
+from consoled.frontends.web import DoorFactory, door_site
 from consoled.frontends.websocket import ConsoleServerFactory, Door
 from consoled.frontends.xvp import XVPFactory
 from consoled.sessions import Sessions
@@ -201,7 +201,12 @@ def websocket_doors(
         factory = ConsoleServerFactory(
             core, ping_interval=c.ping_interval, handshake_timeout=c.handshake_timeout
         )
-        site = door_site(factory, web_dir, extra=extra, timeout=c.handshake_timeout)
+        site = DoorFactory(
+            door_site(factory, web_dir, extra=extra, timeout=c.handshake_timeout),
+            factory,
+            reactor,
+            c.handshake_timeout,
+        )
         doors.append(
             door(
                 name,

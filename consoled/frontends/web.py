@@ -2,9 +2,20 @@
 files and hands websocket upgrades, on any path, to Autobahn.
 
 - GET and HEAD only (405 otherwise); no directory listings (404).
+- A request head must be complete within ``[consoled] handshake_timeout``
+  (408) and stay under 16 KiB (431).
 - A request target starting with ``//`` is answered 400: browsers read
   ``//host/…`` as another site, the open redirect of CVE-2021-3654.
 - The access log never shows a query string: noVNC's URL carries the token.
+
+:class:`DoorFactory` reads each connection's request head first and gives a
+websocket upgrade (a GET with ``Upgrade: websocket``, on any path but one
+starting with ``//``) straight to Autobahn; everything else goes to the Site.
+Autobahn parses the head all the same, so going through twisted.web first
+(its parser, a Request, resource traversal, then Autobahn's
+``WebSocketResource`` writing the request out again for Autobahn to parse)
+was a second parse on every session: about a quarter of a session's set-up
+(benchmarks/run.py --only setup).
 """
 
 from __future__ import annotations
@@ -13,7 +24,10 @@ import os
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, resource, server, static
 
 from consoled.frontends.websocket import ConsoleServerFactory
@@ -119,3 +133,115 @@ def door_site(
     site = DoorSite(root, logFormatter=_access_line, timeout=timeout)
     site.displayTracebacks = False
     return site
+
+
+#: The most of a request head read before it is refused with 431.
+MAX_HEAD = 16 * 1024
+
+
+def _upgrade_head(head: bytes) -> bool:
+    """Whether a request head (up to its blank line) asks for a websocket Autobahn may take."""
+    request_line, _, headers = head.partition(b"\r\n")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET" or parts[1].startswith(b"//"):
+        return False  # the Site answers these (400, 405) as for any request
+    for line in headers.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"upgrade":
+            return b"websocket" in value.lower()
+    return False
+
+
+class DoorProtocol(Protocol):
+    """Reads the request head, then passes the connection on and forwards to it."""
+
+    factory: DoorFactory
+    _chosen: Any = None
+    _deadline: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._head = b""
+        timeout = self.factory.timeout
+        if timeout:
+            self._deadline = self.factory.clock.callLater(timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._chosen is not None:
+            self._chosen.dataReceived(data)
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_HEAD:
+                self._answer(431, "Request Header Fields Too Large", "request head over 16 KiB")
+            return
+        upgrade = _upgrade_head(self._head[:end])
+        factory = self.factory.websocket if upgrade else self.factory.site
+        chosen = factory.buildProtocol(self.transport.getPeer())
+        if chosen is None:
+            self.transport.loseConnection()
+            return
+        self._cancel_deadline()
+        self._chosen = chosen
+        # From here on the transport's reads come straight to the chosen one.
+        self.dataReceived = chosen.dataReceived  # type: ignore[method-assign]
+        head, self._head = self._head, b""
+        chosen.makeConnection(self.transport)
+        chosen.dataReceived(head)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        if self._chosen is not None:
+            self._chosen.connectionLost(reason)
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        timeout = self.factory.timeout
+        self._answer(408, "Request Timeout", f"no complete request within {timeout:g}s")
+
+    def _answer(self, code: int, phrase: str, why: str) -> None:
+        """Refuse before any request was parsed: a status line, a short body, one log line."""
+        self._cancel_deadline()
+        log.info(
+            "refused a connection from {client}: {why}",
+            client=getattr(self.transport.getPeer(), "host", "?"),
+            why=why,
+        )
+        body = why.encode("utf-8") + b"\n"
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (code, phrase.encode("ascii"), len(body), body)
+        )
+        self.transport.loseConnection()
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+
+class DoorFactory(Factory):
+    """One websocket door's listener: Autobahn for upgrades, the Site for the rest."""
+
+    protocol = DoorProtocol
+    noisy = False
+
+    def __init__(
+        self, site: DoorSite, websocket: ConsoleServerFactory, clock: IReactorTime, timeout: float
+    ) -> None:
+        self.site = site
+        self.websocket = websocket
+        self.clock = clock
+        self.timeout = timeout
+
+    def doStart(self) -> None:
+        super().doStart()
+        self.site.doStart()
+        self.websocket.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+        self.websocket.doStop()
+        super().doStop()
