@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import time
+from typing import Any
 
 from peers import Target
 
@@ -214,8 +215,14 @@ def upstream(target: Target, total: int, frame_size: int = 64 << 10) -> float:
         connection.close()
 
 
-def round_trips(target: Target, count: int, warmup: int = 100) -> list[float]:
-    """Seconds of each one-byte echo round trip after ``warmup`` unmeasured ones."""
+def round_trips(
+    target: Target, count: int, warmup: int = 100, before_close: Any = None
+) -> list[float]:
+    """Seconds of each one-byte echo round trip after ``warmup`` unmeasured ones.
+
+    ``before_close`` is called while the session is still open (websockify's
+    per-session process takes its CPU counters with it when it exits).
+    """
     framed, data = masked_frame(1), b"x"
     connection = Connection(target)
     clock = time.perf_counter
@@ -227,6 +234,8 @@ def round_trips(target: Target, count: int, warmup: int = 100) -> list[float]:
             connection.read(1)
             if i >= warmup:
                 times.append(clock() - started)
+        if before_close is not None:
+            before_close()
     finally:
         connection.close()
     return times

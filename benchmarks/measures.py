@@ -144,13 +144,20 @@ def upstream(target: Target, s: Settings) -> Measured:
 
 def latency(target: Target, s: Settings) -> Measured:
     before = 0 if target.pid is None else cpu_ns(target.pid)
-    times = client.round_trips(target, s.round_trips)
+    after: list[int] = []
+    if target.pid is not None:
+        pid = target.pid
+        times = client.round_trips(
+            target, s.round_trips, before_close=lambda: after.append(cpu_ns(pid))
+        )
+    else:
+        times = client.round_trips(target, s.round_trips)
     measured: Measured = {
         "rtt_p50_us": percentile(times, 50) * 1e6,
         "rtt_p99_us": percentile(times, 99) * 1e6,
     }
     if target.pid is not None:  # includes the warm-up and the session's set-up
-        spent = cpu_ns(target.pid) - before
+        spent = after[0] - before
         measured["rtt_proxy_cpu_us"] = spent / 1e3 / len(times)
     return measured
 
