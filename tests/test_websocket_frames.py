@@ -21,19 +21,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from consoled.frontends.websocket import MAX_MESSAGE, ConsoleServerFactory, Door, _unmask
 from consoled.tokens import ConnectInfo
+from tests.test_policy import INFO as POLICY_INFO
 
-INFO = ConnectInfo(
-    id=1,
-    token_hash="ab" * 32,
-    console_type="novnc",
-    host="127.0.0.1",
-    port=5900,
-    tls_port=None,
-    internal_access_path=None,
-    instance_uuid="8f0e0a5e-3c37-4d0a-9d8e-5b7c1c2f6a10",
-    access_url_base="http://127.0.0.1:6080/vnc_lite.html",
-    expires=2**40,
-)
+INFO = POLICY_INFO  # a novnc token's row
 
 UPGRADE = (
     b"GET /?token=t HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
