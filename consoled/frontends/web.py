@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server, static
 
+from consoled.frontends.answers import plain_response
 from consoled.frontends.websocket import ConsoleServerFactory
 
 log = Logger()
@@ -173,7 +174,7 @@ class DoorProtocol(Protocol):
         end = self._head.find(b"\r\n\r\n")
         if end < 0:
             if len(self._head) > MAX_HEAD:
-                self._answer(431, "Request Header Fields Too Large", "request head over 16 KiB")
+                self._answer(431, "request head over 16 KiB")
             return
         upgrade = _upgrade_head(self._head[:end])
         factory = self.factory.websocket if upgrade else self.factory.site
@@ -197,9 +198,9 @@ class DoorProtocol(Protocol):
     def _timed_out(self) -> None:
         self._deadline = None
         timeout = self.factory.timeout
-        self._answer(408, "Request Timeout", f"no complete request within {timeout:g}s")
+        self._answer(408, f"no complete request within {timeout:g}s")
 
-    def _answer(self, code: int, phrase: str, why: str) -> None:
+    def _answer(self, code: int, why: str) -> None:
         """Refuse before any request was parsed: a status line, a short body, one log line."""
         self._cancel_deadline()
         log.info(
@@ -207,12 +208,7 @@ class DoorProtocol(Protocol):
             client=getattr(self.transport.getPeer(), "host", "?"),
             why=why,
         )
-        body = why.encode("utf-8") + b"\n"
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (code, phrase.encode("ascii"), len(body), body)
-        )
+        self.transport.write(plain_response(code, why))
         self.transport.loseConnection()
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
 

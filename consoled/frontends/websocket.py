@@ -25,7 +25,6 @@ import pprint
 import re
 import struct
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -38,6 +37,7 @@ from twisted.python.failure import Failure
 
 from consoled.authorizer import Authorizer, log_refusal
 from consoled.endings import Ending, Kind, Refusal
+from consoled.frontends.answers import plain_response
 from consoled.policy import Network, check_console_type, check_origin, is_trusted, token_from
 from consoled.relay import Relay, TransportClientSide, write_now
 from consoled.sessions import LEASED_TYPES, Admission, Sessions
@@ -213,19 +213,8 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
                 client=self.client_address,
                 reason=reason,
             )
-        try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = "Error"
-        body = (reason.replace("\r", " ").replace("\n", " ")[:200] + "\n").encode("utf-8")
-        head = (
-            f"HTTP/1.1 {code} {phrase}\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
-        )
         self.wasNotCleanReason = redact(reason)
-        self.sendData(head.encode("ascii") + body)
+        self.sendData(plain_response(code, reason))
         self.dropConnection(abort=False)
 
     # -- the session -------------------------------------------------------

@@ -26,7 +26,6 @@ The protocol is a small state machine: ``reading`` the request head,
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,6 +36,7 @@ from twisted.python.failure import Failure
 
 from consoled.authorizer import Authorizer, log_refusal
 from consoled.endings import Ending, Kind, Refusal
+from consoled.frontends.answers import plain_response
 from consoled.policy import check_console_type
 from consoled.relay import Relay, TransportClientSide, write_now
 from consoled.sessions import Sessions
@@ -184,13 +184,7 @@ class XVPProtocol(TransportClientSide, Protocol):
             )
         self.state = "closed"
         self._cancel_deadline()
-        body = (text + "\n").encode("utf-8")
-        phrase = HTTPStatus(code).phrase
-        self.transport.write(
-            f"HTTP/1.1 {code} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii")
-            + body
-        )
+        self.transport.write(plain_response(code, text))
         self.transport.loseConnection()
 
     def _request_timed_out(self) -> None:
