@@ -7,22 +7,15 @@ no open session row and no serial lease.
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from consoled.authorizer import Authorizer
 from consoled.frontends.serial_tcp import SerialTCPFactory
-from consoled.sessions import Sessions
-from consoled.store import Store, schema
-from consoled.store.engine import make_engine
-from consoled.store.runner import InlineRunner
-from consoled.store.tables import serial_leases, sessions
-from tests.harness import INSTANCE
+from tests.inline import InlineCore
 
 TOKEN = b"<TOKEN>"
 
@@ -41,38 +34,15 @@ def inputs() -> st.SearchStrategy[bytes]:
 
 class SerialDoorPropertyTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.engine = make_engine("sqlite:///" + self.mktemp() + ".sqlite")
-        self.addCleanup(self.engine.dispose)
-        schema.upgrade(self.engine)
-        self.reactor = MemoryReactorClock()
-        self.reactor.advance(1_800_000_000)
-        store = Store(self.engine, InlineRunner(), self.reactor)
-        self.sessions = Sessions(store, self.reactor, "fuzz", connect_timeout=5)
-        self.sessions.startService()
-        self.factory = SerialTCPFactory(Authorizer(store), self.sessions, self.reactor, 60, "fuzz")
-        issued = self.successResultOf(
-            store.authorize(
-                console_type="serial",
-                host="127.0.0.1",
-                port=10000,
-                instance_uuid=INSTANCE,
-                access_url_base="ws://x/",
-                ttl=10**6,
-            )
+        self.core = InlineCore(self, "serial", 10000, "ws://x/")
+        self.reactor, self.sessions, self.token = (
+            self.core.reactor,
+            self.core.sessions,
+            self.core.token,
         )
-        self.token = issued.token.encode()
-
-    def left_behind(self) -> tuple[int, int]:
-        with self.engine.connect() as connection:
-            open_rows = connection.execute(
-                sa.select(sa.func.count())
-                .select_from(sessions)
-                .where(sessions.c.ended_at.is_(None))
-            ).scalar_one()
-            leases = connection.execute(
-                sa.select(sa.func.count()).select_from(serial_leases)
-            ).scalar_one()
-        return open_rows, leases
+        self.factory = SerialTCPFactory(
+            self.core.authorizer, self.sessions, self.reactor, 60, "fuzz"
+        )
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(inputs(), st.lists(st.integers(1, 16), max_size=60), st.booleans())
@@ -96,6 +66,6 @@ class SerialDoorPropertyTests(SynchronousTestCase):
             last = output.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
             self.assertTrue(last.strip(), output[-120:])  # a clear last line before the close
         protocol.connectionLost(Failure(ConnectionError("user left")))
-        self.assertEqual(self.left_behind(), (0, 0))
+        self.assertEqual(self.core.left_behind(), (0, 0))
         self.assertEqual(self.sessions.live, set())
         self.assertEqual(self.flushLoggedErrors(), [])

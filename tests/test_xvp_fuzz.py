@@ -7,22 +7,15 @@ left open once the viewer has gone.
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from consoled.authorizer import Authorizer
 from consoled.frontends.xvp import XVPFactory
-from consoled.sessions import Sessions
-from consoled.store import Store, schema
-from consoled.store.engine import make_engine
-from consoled.store.runner import InlineRunner
-from consoled.store.tables import sessions as sessions_table
-from tests.harness import INSTANCE
+from tests.inline import InlineCore
 
 ANSWERS = {200, 400, 401, 403, 405, 408, 431, 502, 503}
 TOKEN = "TOKEN"  # replaced by a real, valid token in each example
@@ -76,32 +69,16 @@ def chunked(data: bytes, sizes: list[int]) -> list[bytes]:
 
 class XVPPropertyTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.engine = make_engine("sqlite:///" + self.mktemp() + ".sqlite")
-        self.addCleanup(self.engine.dispose)
-        schema.upgrade(self.engine)
-        self.reactor = MemoryReactorClock()
-        self.reactor.advance(1_800_000_000)
-        store = Store(self.engine, InlineRunner(), self.reactor)
-        self.store = store
-        self.sessions = Sessions(store, self.reactor, "fuzz", connect_timeout=5)
-        self.sessions.startService()
-        self.factory = XVPFactory(Authorizer(store), self.sessions, self.reactor, 15)
-        issued = self.successResultOf(
-            store.authorize(
-                console_type="xvpvnc",
-                host="127.0.0.1",
-                port=5900,
-                instance_uuid=INSTANCE,
-                access_url_base="http://x/console",
-                ttl=10**6,
-            )
+        self.core = InlineCore(self, "xvpvnc", 5900, "http://x/console")
+        self.reactor, self.sessions, self.token = (
+            self.core.reactor,
+            self.core.sessions,
+            self.core.token,
         )
-        self.token = issued.token.encode()
+        self.factory = XVPFactory(self.core.authorizer, self.sessions, self.reactor, 15)
 
     def open_rows(self) -> int:
-        with self.engine.connect() as connection:
-            query = sa.select(sa.func.count()).where(sessions_table.c.ended_at.is_(None))
-            return connection.execute(query.select_from(sessions_table)).scalar_one()
+        return self.core.left_behind()[0]
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(requests(), st.lists(st.integers(1, 64), max_size=40), st.booleans())
