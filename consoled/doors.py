@@ -202,7 +202,7 @@ def websocket_doors(
             core, ping_interval=c.ping_interval, handshake_timeout=c.handshake_timeout
         )
         site = DoorFactory(
-            door_site(factory, web_dir, extra=extra, timeout=c.handshake_timeout),
+            door_site(web_dir, extra=extra, timeout=c.handshake_timeout),
             factory,
             reactor,
             c.handshake_timeout,

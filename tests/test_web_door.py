@@ -24,7 +24,7 @@ class DoorProtocolTests(SynchronousTestCase):
         door = Door("novnc", None, None)  # type: ignore[arg-type]
         websocket = ConsoleServerFactory(door, ping_interval=0, handshake_timeout=0)
         self.factory = DoorFactory(
-            door_site(websocket, None, timeout=None),  # type: ignore[arg-type]
+            door_site(None, timeout=None),  # type: ignore[arg-type]
             websocket,
             self.clock,
             30,

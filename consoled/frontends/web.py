@@ -1,5 +1,5 @@
-"""The HTTP side of a websocket door: a twisted.web Site that serves static
-files and hands websocket upgrades, on any path, to Autobahn.
+"""The HTTP side of a websocket door: upgrades, on any path, to Autobahn;
+everything else to a twisted.web Site that serves static files.
 
 - GET and HEAD only (405 otherwise); no directory listings (404).
 - A request head must be complete within ``[consoled] handshake_timeout``
@@ -10,11 +10,11 @@ files and hands websocket upgrades, on any path, to Autobahn.
 
 :class:`DoorFactory` reads each connection's request head first and gives a
 websocket upgrade (a GET with ``Upgrade: websocket``, on any path but one
-starting with ``//``) straight to Autobahn; everything else goes to the Site.
-Autobahn parses the head all the same, so going through twisted.web first
-(its parser, a Request, resource traversal, then Autobahn's
-``WebSocketResource`` writing the request out again for Autobahn to parse)
-was a second parse on every session: about a quarter of a session's set-up
+starting with ``//``) straight to Autobahn; everything else goes to the Site
+(so an odd upgrade, a HEAD say, is a file request).  Autobahn parses the head
+all the same: sending upgrades through twisted.web first (its parser, a
+Request, resource traversal, then Autobahn's ``WebSocketResource`` writing
+the request out again) cost about a quarter of a session's set-up
 (benchmarks/run.py --only setup).
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -64,30 +63,6 @@ class StaticFiles(static.File):
         return similar
 
 
-def _is_upgrade(request: server.Request) -> bool:
-    upgrade = request.getHeader(b"upgrade") or b""
-    return b"websocket" in upgrade.lower()
-
-
-class DoorRoot(resource.Resource):
-    """Every path: a websocket upgrade goes to Autobahn, anything else to the files."""
-
-    def __init__(self, websocket: WebSocketResource, files: resource.Resource) -> None:
-        super().__init__()
-        self._websocket = websocket
-        self._files = files
-
-    def getChildWithDefault(self, name: bytes, request: server.Request) -> Any:
-        if _is_upgrade(request):
-            return self._websocket
-        return self._files.getChildWithDefault(name, request)
-
-    def render(self, request: server.Request) -> Any:
-        if _is_upgrade(request):
-            return self._websocket.render(request)
-        return self._files.render(request)
-
-
 class DoorSite(server.Site):
     """Refuses what must never reach a resource, before any traversal."""
 
@@ -113,7 +88,6 @@ def _access_line(timestamp: str, request: http.Request) -> str:
 
 
 def door_site(
-    factory: ConsoleServerFactory,
     web_dir: str | None,
     *,
     extra: dict[bytes, str] | None = None,
@@ -130,8 +104,7 @@ def door_site(
             files.putChild(name, StaticFiles(directory))
         else:
             log.warn("directory {path} for /{name}/ not found", path=directory, name=name.decode())
-    root = DoorRoot(WebSocketResource(factory), files)
-    site = DoorSite(root, logFormatter=_access_line, timeout=timeout)
+    site = DoorSite(files, logFormatter=_access_line, timeout=timeout)
     site.displayTracebacks = False
     return site
 

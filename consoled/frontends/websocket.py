@@ -138,10 +138,6 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
     _spectating = False
 
     def connectionMade(self) -> None:
-        # Taken over from twisted.web: the HTTPChannel registered itself as the
-        # transport's producer and never unregisters; the relay needs that slot.
-        if getattr(self.transport, "producer", None) is not None:
-            self.transport.unregisterProducer()
         self.client_address = getattr(self.transport.getPeer(), "host", "?")
         super().connectionMade()
 
