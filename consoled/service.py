@@ -22,6 +22,7 @@ from consoled import malloc
 from consoled.authorizer import Authorizer
 from consoled.config import ConfigError, Settings, load_settings
 from consoled.doors import CertificateReloader, serial_tcp_doors, websocket_doors, xvp_doors
+from consoled.reactor import install as install_reactor
 from consoled.recording import Recorder
 from consoled.sessions import Sessions
 from consoled.store import Store, open_store, schema
@@ -47,6 +48,8 @@ class Options(usage.Options):
         self["config_files"].append(path)
 
     def postOptions(self) -> None:
+        # Before anything imports the default reactor (twistd --reactor wins).
+        install_reactor()
         try:
             self.settings: Settings = load_settings(self["config_files"], log=log)
         except ConfigError as error:

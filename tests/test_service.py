@@ -223,6 +223,8 @@ class DaemonTests(TestCase):
         self.assertEqual(getattr(reason, "signal", None), signal.SIGTERM, text)
         self.assertIn("Server Shut Down", text)
         self.assertIn("store stopped", text)
+        # twistd without --reactor runs consoled's own (consoled/reactor.py).
+        self.assertIn("reactor class: consoled.reactor.ConsoledReactor", text)
         self.assertIn(f"(token {issued.connect_info.hash_prefix})", text)
         self.assertNotIn(issued.token, text)
         self.assertTrue(os.path.exists(os.path.join(state, "consoled.sqlite")))

@@ -241,12 +241,6 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
             self.close(Ending(Kind.INTERNAL))
 
     def dataReceived(self, data: bytes) -> None:
-        # Autobahn's Twisted adapter builds a debug line here on every read,
-        # on or off (the caller's qualified name, looked up and coloured):
-        # about a tenth of what a keystroke costs consoled.
-        self._dataReceived(data)
-
-    def _dataReceived(self, data: bytes) -> None:
         """Relay whole unfragmented binary frames here; Autobahn parses the rest.
 
         Autobahn walks every frame through a dozen callbacks (frame begin,
@@ -257,6 +251,11 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
         else (control and text frames, fragments, a frame split across reads,
         reserved bits, an unmasked or oversized frame) and everything after it
         in this read goes to Autobahn, which answers as the RFC says.
+
+        Autobahn's own ``dataReceived`` is never called: its Twisted adapter
+        builds a debug line there on every read, on or off (the caller's
+        qualified name, looked up and coloured), about a tenth of what a
+        keystroke costs consoled.
         """
         if self.relay is None or self.state != self.STATE_OPEN or self.data or self.inside_message:
             super()._dataReceived(data)
