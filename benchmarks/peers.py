@@ -358,10 +358,13 @@ def proxy(
     cpus: set[int] | None,
     profile: Path | None = None,
     workers: int = 1,
+    wrapper: tuple[str, ...] = (),
+    start_timeout: float = 30,
 ) -> Iterator[Target]:
     """Start one proxy in front of ``backend_port``; ``direct`` starts nothing.
 
     ``profile``: run consoled under twistd's cProfile, stats written there on exit.
+    ``wrapper``: a command the proxy runs under (valgrind, for instructions.py).
     """
     if name == "direct":
         yield Target("direct", backend_port, websocket=False)
@@ -403,6 +406,7 @@ def proxy(
         argv += [f"ws-l:127.0.0.1:{port}", f"tcp:{backend}"]
     else:
         raise ValueError(name)
+    argv = [*wrapper, *argv]
     with running(argv, workdir / f"{name}.log", cpus=cpus, env=env, cwd=workdir) as process:
-        wait_listening(port, process, name)
+        wait_listening(port, process, name, start_timeout)
         yield Target(name, port, path, websocket=websocket, pid=process.pid, preamble=preamble)

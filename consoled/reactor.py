@@ -3,18 +3,23 @@
 Twisted's ``EPollReactor`` hands every ready socket to ``log.callWithLogger``,
 which asks the connection for its log prefix, copies the logging context,
 pushes and pops it, so that a legacy ``twisted.python.log.msg`` made while
-the socket is served is tagged with that prefix.  On a keystroke's round
-trip through consoled (two ready sockets) that is about a third of all the
-instructions the process runs: 110,600 per round trip with it, 76,600
-without it (callgrind over 2,000 one-byte round trips through the noVNC
-door; ``benchmarks/README.md``, "Instructions per round trip").
+the socket is served is tagged with that prefix.  Add ``min()`` and ``max()``
+in ``timeout`` (builtins that parse keyword arguments on every call) and an
+error handler entered and left on every turn of the loop, and Twisted's own
+loop was most of what a keystroke cost consoled: 100,600 instructions per
+one-byte round trip through the noVNC door under ``EPollReactor``, 56,300
+under this one; the bare Python epoll relay takes 13,800
+(``benchmarks/instructions.py``, callgrind).
 
 consoled logs through ``twisted.logger``, whose events never read that
 context, so this reactor serves ready sockets directly.  What
 ``callWithLogger`` also gave is kept: an exception that escapes a socket's
 handling is logged (with the connection's prefix, computed only then) and the
-loop goes on.  Everything else (timed calls, threads, signals, processes,
-what a socket's ``doRead``/``doWrite`` may return) is the epoll reactor's own.
+loop goes on.  A socket that is only readable, the common event, goes
+through the same steps as in ``_doReadOrWrite`` without its other branches.
+Everything else (timed calls, threads, signals, processes, what a socket's
+``doRead``/``doWrite`` may return) is the epoll reactor's own, and Twisted's
+reactor conformance suites run against this class (tests/test_reactor.py).
 
 ``twistd consoled`` installs it when no other reactor was chosen
 (``twistd --reactor=...`` still picks another one); see ``install``.
@@ -24,9 +29,11 @@ from __future__ import annotations
 
 import errno
 import sys
+from select import EPOLLIN
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger, LogLevel
 
 log = Logger()
@@ -74,17 +81,34 @@ class ConsoledReactor(EPollReactor):
                 return
             raise
         selectables = self._selectables
-        serve = self._doReadOrWrite
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:
                 continue  # removed while an earlier event of this batch was served
             try:
-                serve(selectable, fd, event)
+                if event == EPOLLIN:
+                    self._read(selectable)
+                else:
+                    self._doReadOrWrite(selectable, fd, event)
             except Exception:
                 # _doReadOrWrite already turns a doRead/doWrite error into a
                 # lost connection; this is what escapes even that.
                 log.failure("unhandled error serving {selectable}", selectable=_prefix(selectable))
+
+    def _read(self, selectable: Any) -> None:
+        """_doReadOrWrite for an event that is only "readable", the common one.
+
+        The same steps in the same order (the closed-descriptor check, doRead,
+        an error logged and turned into the lost connection's reason), less the
+        branches that cannot apply.
+        """
+        try:
+            why = _NO_FILEDESC if selectable.fileno() == -1 else selectable.doRead()
+        except BaseException as error:
+            why = error
+            log.failure("error reading from {selectable}", selectable=_prefix(selectable))
+        if why:
+            self._disconnectSelectable(selectable, why, True)
 
     doIteration = doPoll
 
