@@ -122,21 +122,16 @@ class Sessions(Service):
         port is held) when another session writes to the port; that attempt's
         row is ended as refused.  Other console types need no admission.
         """
-        row = self._store.open_session(
-            info=info, door=door, client_address=client_address, proxy=self.proxy
+        opening = self._store.open_writer(
+            info=info,
+            door=door,
+            client_address=client_address,
+            proxy=self.proxy,
+            lease_seconds=self._lease_seconds,
         )
 
-        def lease(session_id: int) -> defer.Deferred[Admission]:
-            d = self._store.acquire_lease(
-                host=info.host,
-                port=info.port,
-                session_id=session_id,
-                proxy=self.proxy,
-                lease_seconds=self._lease_seconds,
-            )
-            return d.addCallback(decide, session_id)
-
-        def decide(holder: dict[str, Any] | None, session_id: int) -> Any:
+        def decide(opened: tuple[int, dict[str, Any] | None]) -> Any:
+            session_id, holder = opened
             if holder is None:
                 return Admission(session_id, info, True)
             since = _utc(holder["acquired_at"])
@@ -152,7 +147,7 @@ class Sessions(Service):
                 return Failure(Refusal(Kind.STORE_UNAVAILABLE, hash_prefix=info.hash_prefix))
             return failure
 
-        return row.addCallback(lease).addErrback(unavailable)
+        return opening.addCallback(decide).addErrback(unavailable)
 
     def release(self, admission: Admission, reason: str) -> defer.Deferred[None]:
         """Give back an admission whose session never started (the user left)."""

@@ -14,8 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from consoled.store import Store, schema
 from consoled.store.engine import make_engine
 from consoled.store.runner import InlineRunner, ThreadRunner
-from consoled.store.tables import console_auth_tokens
-from consoled.tokens import hash_token
+from consoled.store.tables import console_auth_tokens, sessions
+from consoled.tokens import ConnectInfo, hash_token
 from tests.databases import fresh_database
 
 NOW = 1_800_000_000
@@ -230,6 +230,38 @@ class LeaseTestsMixin:
         holder = self.acquire(2, proxy="b")
         self.assertEqual((holder["session_id"], holder["proxy"]), (1, "a"))
         self.assertEqual(holder["acquired_at"], NOW)
+
+    def test_open_writer(self: Any) -> None:
+        """A writer's row and lease in one trip; a second writer gets its row and the holder."""
+        info = ConnectInfo(
+            id=1,
+            token_hash=hash_token("t"),
+            console_type="serial",
+            host="compute-1",
+            port=10000,
+            tls_port=None,
+            internal_access_path=None,
+            instance_uuid=str(uuid.uuid4()),
+            access_url_base=None,
+            expires=NOW + 600,
+        )
+        writer = dict(info=info, door="serial-tcp", proxy="a", lease_seconds=30)
+        first, holder = self.successResultOf(
+            self.store.open_writer(client_address="192.0.2.1", **writer)
+        )
+        self.assertIsNone(holder)
+        second, holder = self.successResultOf(
+            self.store.open_writer(client_address="192.0.2.2", **writer)
+        )
+        self.assertNotEqual(first, second)
+        self.assertEqual(holder["session_id"], first)
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(sessions.c.id, sessions.c.client_address, sessions.c.mode)
+            ).all()
+        self.assertEqual(
+            sorted(rows), [(first, "192.0.2.1", "writer"), (second, "192.0.2.2", "writer")]
+        )
 
     def test_lapsed_lease_is_taken_over(self: Any) -> None:
         """A lease not renewed within its period (a proxy that died) is free again."""

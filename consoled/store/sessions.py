@@ -34,6 +34,73 @@ _RELEASE_LEASE = leases_table.delete().where(
 )
 
 
+_HELD_PORT = (leases_table.c.host == sa.bindparam("host")) & (
+    leases_table.c.port == sa.bindparam("port")
+)
+_DROP_LAPSED_LEASE = leases_table.delete().where(
+    _HELD_PORT, leases_table.c.expires_at < sa.bindparam("acquired_at")
+)
+_TAKE_LEASE = leases_table.insert()
+_LEASE_HOLDER = sa.select(leases_table).where(_HELD_PORT)
+
+
+def _session_values(
+    info: ConnectInfo, door: str, client_address: str, proxy: str, mode: str, now: float
+) -> dict[str, Any]:
+    return {
+        "instance_uuid": info.instance_uuid,
+        "console_type": info.console_type,
+        "host": info.host,
+        "port": info.port,
+        "token_hash_prefix": info.hash_prefix,
+        "door": door,
+        "client_address": client_address[:255],
+        "mode": mode,
+        "proxy": proxy,
+        "started_at": now,
+        "touched_at": now,
+    }
+
+
+def _insert_session(connection: sa.Connection, values: dict[str, Any]) -> int:
+    return int(connection.execute(_INSERT_SESSION, values).inserted_primary_key[0])
+
+
+def _lease_values(
+    host: str, port: int, session_id: int, proxy: str, now: float, lease_seconds: float
+) -> dict[str, Any]:
+    return {
+        "host": host,
+        "port": port,
+        "session_id": session_id,
+        "proxy": proxy,
+        "acquired_at": now,
+        "expires_at": now + lease_seconds,
+    }
+
+
+def _take_lease(engine: sa.Engine, lease: dict[str, Any]) -> dict[str, Any] | None:
+    """Take a serial port's lease (on a database thread); None, or the holder's row.
+
+    Atomic on every backend without check-then-insert: a lapsed lease is
+    deleted and the new one inserted in one transaction, and the primary key
+    on (host, port) lets exactly one concurrent insert win.
+    """
+    try:
+        with engine.begin() as connection:
+            connection.execute(_DROP_LAPSED_LEASE, lease)
+            connection.execute(_TAKE_LEASE, lease)
+        return None
+    except (sa.exc.IntegrityError, sa.exc.OperationalError) as error:
+        # IntegrityError: held.  OperationalError: a deadlock or lock
+        # timeout between two takers (MariaDB), which also means held.
+        with engine.connect() as connection:
+            row = connection.execute(_LEASE_HOLDER, lease).first()
+        if row is None and isinstance(error, sa.exc.OperationalError):
+            raise
+        return dict(row._mapping) if row is not None else {"acquired_at": lease["acquired_at"]}
+
+
 class SessionRows:
     """Methods over ``consoled_sessions`` and ``consoled_serial_leases``."""
 
@@ -58,68 +125,48 @@ class SessionRows:
         mode: str = "writer",
     ) -> defer.Deferred[int]:
         """Record a session that is starting; its row id names it from then on."""
-        now = self._now()
-        values = {
-            "instance_uuid": info.instance_uuid,
-            "console_type": info.console_type,
-            "host": info.host,
-            "port": info.port,
-            "token_hash_prefix": info.hash_prefix,
-            "door": door,
-            "client_address": client_address[:255],
-            "mode": mode,
-            "proxy": proxy,
-            "started_at": now,
-            "touched_at": now,
-        }
+        values = _session_values(info, door, client_address, proxy, mode, self._now())
 
         def insert(connection: sa.Connection) -> int:
-            result = connection.execute(_INSERT_SESSION, values)
-            return int(result.inserted_primary_key[0])
+            return _insert_session(connection, values)
 
         return self._run(insert)
+
+    def open_writer(
+        self,
+        *,
+        info: ConnectInfo,
+        door: str,
+        client_address: str,
+        proxy: str,
+        lease_seconds: float,
+    ) -> defer.Deferred[tuple[int, dict[str, Any] | None]]:
+        """Record a serial writer's session and take its port's lease, in one trip.
+
+        The row and the lease are two transactions, as :meth:`open_session`
+        then :meth:`acquire_lease` would make them, run back to back on one
+        database thread: a writer's set-up waits for the database once, not
+        twice.  Gives the row id and the lease holder's row (None: taken).
+        """
+        now = self._now()
+        values = _session_values(info, door, client_address, proxy, "writer", now)
+
+        def open_and_lease() -> tuple[int, dict[str, Any] | None]:
+            with self.engine.begin() as connection:
+                session_id = _insert_session(connection, values)
+            lease = _lease_values(info.host, info.port, session_id, proxy, now, lease_seconds)
+            return session_id, _take_lease(self.engine, lease)
+
+        return self._runner.run(open_and_lease)
 
     # -- serial port leases, kicks -------------------------------------------
 
     def acquire_lease(
         self, *, host: str, port: int, session_id: int, proxy: str, lease_seconds: float
     ) -> defer.Deferred[dict[str, Any] | None]:
-        """Take the one-writer lease of a serial port; None, or the holder's row if held.
-
-        Atomic on every backend without check-then-insert: a lapsed lease is
-        deleted and the new one inserted in one transaction, and the primary
-        key on (host, port) lets exactly one concurrent insert win.
-        """
-        now = self._now()
-        key = (leases_table.c.host == host) & (leases_table.c.port == port)
-
-        def acquire() -> dict[str, Any] | None:
-            try:
-                with self.engine.begin() as connection:
-                    connection.execute(
-                        leases_table.delete().where(key, leases_table.c.expires_at < now)
-                    )
-                    connection.execute(
-                        leases_table.insert().values(
-                            host=host,
-                            port=port,
-                            session_id=session_id,
-                            proxy=proxy,
-                            acquired_at=now,
-                            expires_at=now + lease_seconds,
-                        )
-                    )
-                return None
-            except (sa.exc.IntegrityError, sa.exc.OperationalError) as error:
-                # IntegrityError: held.  OperationalError: a deadlock or lock
-                # timeout between two takers (MariaDB), which also means held.
-                with self.engine.connect() as connection:
-                    row = connection.execute(sa.select(leases_table).where(key)).first()
-                if row is None and isinstance(error, sa.exc.OperationalError):
-                    raise
-                return dict(row._mapping) if row is not None else {"acquired_at": now}
-
-        return self._runner.run(acquire)
+        """Take the one-writer lease of a serial port; None, or the holder's row if held."""
+        lease = _lease_values(host, port, session_id, proxy, self._now(), lease_seconds)
+        return self._runner.run(_take_lease, self.engine, lease)
 
     def end_session(
         self,
