@@ -122,13 +122,24 @@ class Sessions(Service):
         port is held) when another session writes to the port; that attempt's
         row is ended as refused.  Other console types need no admission.
         """
-        opening = self._store.open_writer(
-            info=info,
-            door=door,
-            client_address=client_address,
-            proxy=self.proxy,
-            lease_seconds=self._lease_seconds,
-        )
+
+        def open_writer(_: object = None) -> defer.Deferred[tuple[int, dict[str, Any] | None]]:
+            return self._store.open_writer(
+                info=info,
+                door=door,
+                client_address=client_address,
+                proxy=self.proxy,
+                lease_seconds=self._lease_seconds,
+            )
+
+        # A user who reconnects at once finds the port still held by their
+        # own session's release, in flight on a database thread: wait for it
+        # rather than race it and be refused as busy.
+        releasing = self._releasing(info)
+        if releasing:
+            opening = defer.DeferredList(releasing).addCallback(open_writer)
+        else:
+            opening = open_writer()
 
         def decide(opened: tuple[int, dict[str, Any] | None]) -> Any:
             session_id, holder = opened
@@ -148,6 +159,15 @@ class Sessions(Service):
             return failure
 
         return opening.addCallback(decide).addErrback(unavailable)
+
+    def _releasing(self, info: ConnectInfo) -> list[defer.Deferred[None]]:
+        """The lease releases of this console's port still in flight on this proxy."""
+        port = (info.host, info.port)
+        return [
+            observe(session.finished)
+            for session in self._closing
+            if session.holds_lease and (session.info.host, session.info.port) == port
+        ]
 
     def release(self, admission: Admission, reason: str) -> defer.Deferred[None]:
         """Give back an admission whose session never started (the user left)."""

@@ -90,6 +90,9 @@ CLOSE_CODES = {
     Kind.BACKEND_REFUSED: 4506,
 }
 
+#: A server frame's header for each payload size under 126 (a keystroke's
+#: echo, a cursor update): a list index instead of building the two bytes.
+_SMALL_HEADERS = [bytes((0x82, size)) for size in range(126)]
 _HEADER_16 = struct.Struct("!BBH")
 _HEADER_64 = struct.Struct("!BBQ")
 
@@ -334,7 +337,7 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
             return
         size = len(data)
         if size < 126:
-            header = bytes((0x82, size))
+            header = _SMALL_HEADERS[size]
         elif size < 65536:
             header = _HEADER_16.pack(0x82, 126, size)
         else:
