@@ -1,7 +1,8 @@
 """Session rows, serial port leases and kicks: the part of the Store proxies share.
 
 Mixed into :class:`consoled.store.Store`; every method returns a Deferred and
-does one unit of work in one transaction on the store's runner.
+does one unit of work on the store's runner, in one transaction (``open_writer``:
+two, back to back, in one trip).
 """
 
 from __future__ import annotations
