@@ -44,11 +44,6 @@ class BackendProtocol(Protocol):
         # Read the console in large chunks: fewer, bigger frames to the user.
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = READ_SIZE
-        # The endpoint's wrapper protocol passes every read on to this one: a
-        # call per chunk, saved by having the transport call this one directly.
-        wrapper = getattr(self.transport, "protocol", self)
-        if wrapper is not self and hasattr(wrapper, "_wrappedProtocol"):
-            wrapper.dataReceived = self.dataReceived
         if self._connect_path is None:
             self.ready.callback(self)
             return
