@@ -15,7 +15,8 @@ from twisted.internet import protocol
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.test import test_core, test_fdset, test_tcp, test_threads, test_time
 from twisted.internet.test.test_process import ProcessTestsBuilder
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from consoled import reactor as consoled_reactor
@@ -73,20 +74,6 @@ for _builder in (
     globals().update(_for_consoled(_builder))
 
 
-class Events:
-    """Collects log events at or above a level while installed."""
-
-    def __init__(self, test: unittest.TestCase, level: LogLevel = LogLevel.error) -> None:
-        self.seen: list[dict[str, Any]] = []
-        self._level = level
-        globalLogPublisher.addObserver(self)
-        test.addCleanup(globalLogPublisher.removeObserver, self)
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("log_level") is not None and event["log_level"] >= self._level:
-            self.seen.append(event)
-
-
 class TimeoutTests(unittest.TestCase):
     """``timeout`` answers as ``ReactorBase.timeout`` does, without min() and max()."""
 
@@ -127,10 +114,19 @@ class TimeoutTests(unittest.TestCase):
 
 
 class _Exploding(protocol.Protocol):
-    """A protocol whose connectionLost raises: Twisted's disconnect path lets it escape."""
+    """Raises from connectionLost (Twisted's disconnect path lets that escape), after
+    asking for ``factory.after`` to run on the reactor's next turn."""
+
+    factory: Any
 
     def connectionLost(self, reason: Any = None) -> None:
+        self.factory.reactor.callLater(0, self.factory.after)
         raise RuntimeError("boom in connectionLost")
+
+
+class _HangUp(protocol.Protocol):
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
 
 
 class DispatchTests(unittest.TestCase):
@@ -138,30 +134,32 @@ class DispatchTests(unittest.TestCase):
 
     def test_error_logged_loop_continues(self) -> None:
         reactor = ConsoledReactor()
-        events = Events(self)
-        server = protocol.Factory.forProtocol(_Exploding)
-        port = reactor.listenTCP(0, server, interface="127.0.0.1")
-        client = protocol.ClientFactory.forProtocol(protocol.Protocol)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         outcome: list[str] = []
+        server = protocol.Factory.forProtocol(_Exploding)
+        server.reactor = reactor  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
 
-        def connected() -> None:
-            connector = reactor.connectTCP("127.0.0.1", port.getHost().port, client)
-            # The server's protocol raises when the client hangs up.
-            reactor.callLater(0.05, connector.disconnect)
-            reactor.callLater(0.3, finish)
-
-        def finish() -> None:
+        def after() -> None:  # a timed call, run only if the loop survived the error
             outcome.append("still running")
             port.stopListening()
             reactor.stop()
 
-        reactor.callWhenRunning(connected)
-        reactor.callLater(10, reactor.stop)  # a safety net, never reached when it works
+        def give_up() -> None:
+            outcome.append("timed out")
+            reactor.stop()
+
+        server.after = after  # type: ignore[attr-defined]
+        client = protocol.ClientFactory.forProtocol(_HangUp)
+        reactor.callWhenRunning(reactor.connectTCP, "127.0.0.1", port.getHost().port, client)
+        guard = reactor.callLater(10, give_up)  # only reached when it does not work
         reactor.run(installSignalHandlers=False)
+        if guard.active():
+            guard.cancel()
         self.assertEqual(outcome, ["still running"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         # Logged by doPoll, naming the connection (not by the main loop's last resort).
-        [event] = [e for e in events.seen if e.get("log_format", "").startswith("unhandled error")]
+        [event] = [e for e in events if e.get("log_format", "").startswith("unhandled error")]
         self.assertIn("_Exploding", event["selectable"])
         self.assertIn("boom in connectionLost", str(event["log_failure"].value))
 
