@@ -95,6 +95,8 @@ class ConsoledReactor(EPollReactor):
                 # lost connection; this is what escapes even that.
                 log.failure("unhandled error serving {selectable}", selectable=_prefix(selectable))
 
+    doIteration = doPoll
+
     def _read(self, selectable: Any) -> None:
         """_doReadOrWrite for an event that is only "readable", the common one.
 
@@ -109,8 +111,6 @@ class ConsoledReactor(EPollReactor):
             log.failure("error reading from {selectable}", selectable=_prefix(selectable))
         if why:
             self._disconnectSelectable(selectable, why, True)
-
-    doIteration = doPoll
 
 
 def _prefix(selectable: Any) -> str:
