@@ -216,12 +216,17 @@ def upstream(target: Target, total: int, frame_size: int = 64 << 10) -> float:
 
 
 def round_trips(
-    target: Target, count: int, warmup: int = 100, before_close: Any = None
+    target: Target,
+    count: int,
+    warmup: int = 100,
+    before_close: Any = None,
+    after_warmup: Any = None,
 ) -> list[float]:
     """Seconds of each one-byte echo round trip after ``warmup`` unmeasured ones.
 
     ``before_close`` is called while the session is still open (websockify's
-    per-session process takes its CPU counters with it when it exits).
+    per-session process takes its CPU counters with it when it exits), and
+    ``after_warmup`` once before the first measured round trip.
     """
     framed, data = masked_frame(1), b"x"
     connection = Connection(target)
@@ -229,6 +234,8 @@ def round_trips(
     times = []
     try:
         for i in range(warmup + count):
+            if i == warmup and after_warmup is not None:
+                after_warmup()
             started = clock()
             connection.send_payload(data, framed)
             connection.read(1)

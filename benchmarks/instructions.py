@@ -65,19 +65,19 @@ def count(name: str, echo_port: int, workdir: Path, setup: ConsoledSetup, trips:
 
 
 def _counted(target: Target, trips: int, pid: str) -> None:
-    """One session: 200 warm-up round trips, then ``trips`` counted ones, then close."""
-    connection = client.Connection(target)
-    framed, data = client.masked_frame(1), b"x"
-    try:
-        for i in range(WARMUP + trips):
-            if i == WARMUP:
-                _control("-i", "on", pid)
-            connection.send_payload(data, framed)
-            connection.read(1)
+    """One session: warm-up round trips, then ``trips`` counted ones, then close."""
+
+    def counting_off() -> None:
         _control("-i", "off", pid)  # before the close: its work is not a round trip's
         _control("-d", pid)
-    finally:
-        connection.close()
+
+    client.round_trips(
+        target,
+        trips,
+        warmup=WARMUP,
+        after_warmup=lambda: _control("-i", "on", pid),
+        before_close=counting_off,
+    )
 
 
 def main() -> None:
