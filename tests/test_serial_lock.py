@@ -53,14 +53,10 @@ class SerialLockTests(TestCase):
     @defer.inlineCallbacks
     def test_reconnect_waits_for_own_release(self) -> Any:
         """A user back at once is not refused by their own session's release still in flight."""
-        store, sessions = self.consoled.store, self.consoled.sessions
+        store = self.consoled.store
         release_gate: defer.Deferred[None] = defer.Deferred()
         ending: defer.Deferred[None] = defer.Deferred()
-        real_end, real_open, real_releasing = (
-            store.end_session,
-            store.open_writer,
-            sessions._releasing,
-        )
+        real_end, real_open, real_validate = store.end_session, store.open_writer, store.validate
         order: list[str] = []
 
         def held_end(*args: Any, **kwargs: Any) -> Any:
@@ -70,29 +66,31 @@ class SerialLockTests(TestCase):
             ending.callback(None)
             return release_gate.addCallback(lambda _: real_end(*args, **kwargs))
 
+        def validate(token: str) -> Any:
+            # The gate opens on the turn after the second user's token checks
+            # out; the admission runs in that same turn, gate still shut.
+            def checked(info: Any) -> Any:
+                reactor.callLater(0, release_gate.callback, None)
+                return info
+
+            return real_validate(token).addCallback(checked)
+
         def open_writer(**kwargs: Any) -> Any:
             order.append("open" if release_gate.called else "open while the lease is held")
             return real_open(**kwargs)
-
-        def releasing(info: Any) -> Any:
-            waiting = real_releasing(info)
-            if waiting and not release_gate.called:
-                order.append("waits")
-                reactor.callLater(0, release_gate.callback, None)
-            return waiting
 
         first = yield ws_connect(self.port, (yield self.token()))
         first.send(b"a")
         yield first.read(1)
         self.patch(store, "end_session", held_end)
-        self.patch(store, "open_writer", open_writer)
-        self.patch(sessions, "_releasing", releasing)
         first.sendClose(1000)
         yield ending  # the first session is ending; its lease is still in the table
+        self.patch(store, "validate", validate)
+        self.patch(store, "open_writer", open_writer)
         second = yield ws_connect(self.port, (yield self.token()))
         second.send(b"b")
         self.assertEqual((yield second.read(1)), b"b")
-        self.assertEqual(order, ["waits", "open"])
+        self.assertEqual(order, ["open"])
         second.sendClose(1000)
         yield second.closed
         yield self.consoled.wait_sessions_ended()
