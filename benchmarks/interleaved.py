@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shutil
 import statistics
 from pathlib import Path
 
-import client
-from peers import ConsoledSetup, backends, cpu_ns, proxy, websocat_binary
+from measures import Settings, latency
+from peers import ConsoledSetup, backends, proxy, websocat_binary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,6 +41,7 @@ def main() -> None:
     cpu = {0}
     os.sched_setaffinity(0, cpu)
     measured: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    settings = dataclasses.replace(Settings(), round_trips=args.trips)
     with backends(workdir, cpu, source_bytes=1 << 20, sink_bytes=1 << 20) as ports:
         setup = ConsoledSetup(workdir)
         with contextlib.ExitStack() as stack:
@@ -48,15 +50,8 @@ def main() -> None:
             }
             for _ in range(args.batches):
                 for name, target in targets.items():
-                    assert target.pid is not None
-                    pid, before, after = target.pid, cpu_ns(target.pid), []
-
-                    def read_cpu(pid: int = pid, after: list[int] = after) -> None:
-                        after.append(cpu_ns(pid))  # before the close (websockify's exits)
-
-                    times = client.round_trips(target, args.trips, before_close=read_cpu)
-                    per_trip = (after[0] - before) / 1e3 / args.trips
-                    measured[name].append((per_trip, statistics.median(times) * 1e6))
+                    batch = latency(target, settings)  # run.py's latency step, one batch
+                    measured[name].append((batch["rtt_proxy_cpu_us"], batch["rtt_p50_us"]))
     print(f"{args.batches} batches of {args.trips:,} one-byte round trips each, in turns")
     print(f"{'target':18}{'CPU µs/trip min':>17}{'median':>9}{'p50 µs min':>13}{'median':>9}")
     for name, rows in measured.items():
