@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import uuid
 from typing import Any
@@ -15,8 +16,9 @@ from consoled.store import Store, schema
 from consoled.store.engine import make_engine
 from consoled.store.runner import InlineRunner, ThreadRunner
 from consoled.store.tables import console_auth_tokens, sessions
-from consoled.tokens import ConnectInfo, hash_token
+from consoled.tokens import hash_token
 from tests.databases import fresh_database
+from tests.test_policy import INFO
 
 NOW = 1_800_000_000
 INSTANCE = "9b2c4f0e-3d1a-4c5b-8e7f-0a1b2c3d4e5f"
@@ -233,18 +235,7 @@ class LeaseTestsMixin:
 
     def test_open_writer(self: Any) -> None:
         """A writer's row and lease in one trip; a second writer gets its row and the holder."""
-        info = ConnectInfo(
-            id=1,
-            token_hash=hash_token("t"),
-            console_type="serial",
-            host="compute-1",
-            port=10000,
-            tls_port=None,
-            internal_access_path=None,
-            instance_uuid=str(uuid.uuid4()),
-            access_url_base=None,
-            expires=NOW + 600,
-        )
+        info = dataclasses.replace(INFO, console_type="serial", host="compute-1", port=10000)
         writer = dict(info=info, door="serial-tcp", proxy="a", lease_seconds=30)
         first, holder = self.successResultOf(
             self.store.open_writer(client_address="192.0.2.1", **writer)
