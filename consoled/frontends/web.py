@@ -6,7 +6,9 @@ everything else to a twisted.web Site that serves static files.
   (408) and stay under 16 KiB (431).
 - A request target starting with ``//`` is answered 400: browsers read
   ``//host/…`` as another site, the open redirect of CVE-2021-3654.
-- The access log never shows a query string: noVNC's URL carries the token.
+- No log line shows a request's query string or fragment (noVNC's URL
+  carries the token there), nor anything else of it shaped like a token:
+  the access log, and twisted.web's own lines that quote a request.
 
 :class:`DoorFactory` reads each connection's request head first and gives a
 websocket upgrade (a GET with ``Upgrade: websocket``, on any path but one
@@ -30,7 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server, static
 
 from consoled.frontends.answers import plain_response
-from consoled.frontends.websocket import ConsoleServerFactory
+from consoled.frontends.websocket import ConsoleServerFactory, redact
 
 log = Logger()
 
@@ -63,8 +65,33 @@ class StaticFiles(static.File):
         return similar
 
 
+def _shown(target: bytes) -> str:
+    """A request target or URL as logged: query and fragment cut, no token left."""
+    text = target.decode("latin-1")
+    cut = min((at for at in (text.find("?"), text.find("#")) if at >= 0), default=-1)
+    if cut >= 0:
+        text = text[: cut + 1] + "…"
+    return redact(text)
+
+
+class DoorRequest(server.Request):
+    """A twisted.web Request that shows no token when it is logged.
+
+    twisted.web puts the request itself into some of its own log events (the
+    warning that a HEAD answer's body was eaten, as its field and as the
+    event's source): its repr must not carry the query.
+    """
+
+    def __repr__(self) -> str:
+        method = redact(getattr(self, "method", b"?").decode("latin-1"))
+        target = _shown(getattr(self, "uri", b""))
+        return f"<{type(self).__name__} at 0x{id(self):x} method={method} uri={target}>"
+
+
 class DoorSite(server.Site):
     """Refuses what must never reach a resource, before any traversal."""
+
+    requestFactory = DoorRequest
 
     def getResourceFor(self, request: server.Request) -> Any:
         if request.uri.startswith(b"//"):
@@ -75,15 +102,16 @@ class DoorSite(server.Site):
 
 
 def _access_line(timestamp: str, request: http.Request) -> str:
-    """Combined log format without the query string (it may hold a token)."""
-    path, _, query = request.uri.partition(b"?")
-    target = path.decode("latin-1") + ("?…" if query else "")
-    referrer = (request.getHeader(b"referer") or b"-").partition(b"?")[0].decode("latin-1")
-    agent = (request.getHeader(b"user-agent") or b"-").decode("latin-1")
+    """Combined log format without query, fragment or anything shaped like a token."""
+    method = redact(request.method.decode("latin-1"))
+    version = redact(request.clientproto.decode("latin-1"))
+    referrer = request.getHeader(b"referer")
+    agent = request.getHeader(b"user-agent")
     return (
         f'"{request.getClientAddress().host}" - - {timestamp} '
-        f'"{request.method.decode("latin-1")} {target} {request.clientproto.decode("latin-1")}" '
-        f'{request.code} {request.sentLength or "-"} "{referrer}" "{agent}"'
+        f'"{method} {_shown(request.uri)} {version}" {request.code} {request.sentLength or "-"} '
+        f'"{_shown(referrer) if referrer else "-"}" '
+        f'"{redact(agent.decode("latin-1")) if agent else "-"}"'
     )
 
 
@@ -145,9 +173,11 @@ class DoorProtocol(Protocol):
             return
         self._head += data
         end = self._head.find(b"\r\n\r\n")
+        # However the head arrives, in pieces or in one read with more after it.
+        if (len(self._head) if end < 0 else end + 4) > MAX_HEAD:
+            self._answer(431, "request head over 16 KiB")
+            return
         if end < 0:
-            if len(self._head) > MAX_HEAD:
-                self._answer(431, "request head over 16 KiB")
             return
         upgrade = _upgrade_head(self._head[:end])
         factory = self.factory.websocket if upgrade else self.factory.site

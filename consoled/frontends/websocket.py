@@ -105,12 +105,22 @@ MAX_MESSAGE = 4 * 1024 * 1024
 #: header size -> the smallest payload length that encoding may carry (RFC 6455 5.2)
 _MIN_EXTENDED = {8: 126, 14: 65536}
 
-_TOKENISH = re.compile(r"(token(?:=|%3D))[^&\s\"']*", re.IGNORECASE)
+#: What may hold a token in text that quotes a request: a ``token=`` value (in
+#: a query, a fragment, a ``;`` parameter, a cookie; its ``=`` maybe
+#: URL-encoded), whatever follows a ``#`` (Autobahn quotes a fragment without
+#: it), and anything shaped like a token, a uuid (dashes encoded or left out).
+_TOKENISH = re.compile(
+    r"(token\s*(?:=|%3D|%253D)\s*\"?)[^&;,\s\"']*"
+    r"|(#|%23|fragment identifier \")[^\s\"]+"
+    r"|[0-9a-f]{8}(?:-|%2D)?(?:[0-9a-f]{4}(?:-|%2D)?){3}[0-9a-f]{12}",
+    re.IGNORECASE,
+)
 
 
 def redact(text: str) -> str:
-    """Remove token values from text that quotes a request (Autobahn's own reasons)."""
-    return _TOKENISH.sub(r"\1<redacted>", text)
+    """Text that quotes a request (a request line, a header, Autobahn's own
+    reasons) with every place that may hold a token replaced by ``<redacted>``."""
+    return _TOKENISH.sub(lambda found: (found[1] or found[2] or "") + "<redacted>", text)
 
 
 @dataclass(frozen=True)
