@@ -304,6 +304,7 @@ class ConsoledSettings:
     xterm_dir: str = _opt("node_modules/@xterm/xterm", str)
     trusted_proxies: tuple[IPNetwork, ...] = _opt((), _networks)
     connect_timeout: float = _opt(10.0, _seconds())
+    admission_timeout: float = _opt(10.0, _seconds())
     ping_interval: float = _opt(25.0, _seconds(zero_ok=True))
     idle_timeout: float = _opt(0.0, _seconds(zero_ok=True))
     handshake_timeout: float = _opt(30.0, _seconds())

@@ -6,6 +6,7 @@ operator never runs a consoled that silently lacks a door.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from typing import Any
@@ -19,15 +20,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from consoled.authorizer import Authorizer
 from consoled.config import Settings
-from consoled.endings import Ending, Kind
 from consoled.frontends.serial_tcp import SerialTCPFactory
 from consoled.frontends.web import DoorFactory, door_site
 from consoled.frontends.websocket import ConsoleServerFactory, Door
 from consoled.frontends.xvp import XVPFactory
-from consoled.sessions import Sessions
-from consoled.tls import ReloadableServerTLS, reload_on_sighup, tls_factory
+from consoled.gate import Gate
+from consoled.tls import HTTP_ALPN, ReloadableServerTLS, reload_on_sighup, tls_factory
 
 log = Logger()
 
@@ -69,7 +68,23 @@ class SharedPortEndpoint:
 
 
 class DoorService(Service):
-    """Listens on one endpoint while running; ``port`` is the bound port."""
+    """Listens on one endpoint while running; ``port`` is the bound port.
+
+    Under twistd every door binds in ``privilegedStartService``: twistd calls
+    it on the whole tree before any ``startService`` (so before the store's
+    threads start) and before it sheds ``--uid``.  A door that cannot bind
+    closes the doors bound before it and raises SystemExit with one line, so
+    the process ends at once instead of half-serving.
+    """
+
+    #: door name -> (group, host option, port option) behind its listener.
+    OPTIONS = {
+        "novnc": ("vnc", "novncproxy_host", "novncproxy_port"),
+        "spice": ("spice", "html5proxy_host", "html5proxy_port"),
+        "serial": ("serial_console", "serialproxy_host", "serialproxy_port"),
+        "xvp": ("consoled", "xvp_host", "xvp_port"),
+        "serial-tcp": ("consoled", "serial_tcp_host", "serial_tcp_port"),
+    }
 
     def __init__(
         self, name: str, description: str, endpoint: Any, factory: IProtocolFactory
@@ -80,22 +95,62 @@ class DoorService(Service):
         self.factory = factory
         self.port: IListeningPort | None = None
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            self._bind()
+        except CannotListenError as error:
+            for sibling in self.parent or ():
+                if isinstance(sibling, DoorService):
+                    sibling._close()
+            raise SystemExit(f"consoled: {self.refusal(error)}") from None
+
     def startService(self) -> None:
         super().startService()
-        d = self.endpoint.listen(self.factory)
-        failures: list[Failure] = []
-        d.addCallbacks(self._listening, failures.append)
-        if failures:
-            failures[0].raiseException()
-
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
+        # Started without twistd (tests, tools): bind now.
+        port = self.port if self.port is not None else self._bind()
         address = port.getHost()
         log.info(
             "{door} door listening on {host}:{port}",
             door=self.name,
             host=address.host,
             port=address.port,
+        )
+
+    def _bind(self) -> IListeningPort:
+        """Listen now, or raise CannotListenError (endpoints fail synchronously)."""
+        ports: list[IListeningPort] = []
+        failures: list[Failure] = []
+        self.endpoint.listen(self.factory).addCallbacks(ports.append, failures.append)
+        if failures:
+            failures[0].raiseException()
+        self.port = ports[0]
+        return self.port
+
+    def _close(self) -> None:
+        # Without a running reactor the socket closes when the process ends.
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
+
+    def refusal(self, error: CannotListenError) -> str:
+        """One line for an operator: the door, its options, the cause and the remedy."""
+        group, host_option, port_option = self.OPTIONS.get(
+            self.name, (self.name, "host", "port")
+        )
+        cause = error.socketError
+        code = getattr(cause, "errno", None)
+        reason = getattr(cause, "strerror", None) or str(cause)
+        reason = reason[:1].lower() + reason[1:]
+        if code == errno.EADDRINUSE:
+            remedy = f"stop what holds it, or set another [{group}] {port_option}"
+        elif code == errno.EACCES:
+            remedy = "a port below 1024 needs root (twistd --uid drops it after binding)"
+        else:
+            remedy = f"check [{group}] {host_option}"
+        return (
+            f"{self.name} door: [{group}] {port_option} {error.port} on "
+            f"{error.interface or '*'}: {reason}; {remedy}"
         )
 
     def stopService(self) -> defer.Deferred[None] | None:
@@ -136,20 +191,30 @@ def door(
     tls: ReloadableServerTLS | None,
     first_byte_timeout: float,
     reactor: Any,
+    alpn: tuple[bytes, ...] = (),
 ) -> DoorService:
-    """A listener on host:port serving ``factory``, behind TLS as configured."""
+    """A listener on host:port serving ``factory``, behind TLS as configured.
+
+    ``alpn``: the protocols its TLS may select from a client's ALPN list.
+    """
     if settings.consoled.workers > 1:
         endpoint: Any = SharedPortEndpoint(reactor, host, port)
     else:
         endpoint = serverFromString(reactor, endpoint_string(host, port))
-    wrapped = tls_factory(factory, tls, settings.default.ssl_only, first_byte_timeout)
+    wrapped = tls_factory(
+        factory,
+        tls,
+        settings.default.ssl_only,
+        clock=reactor,
+        first_byte_timeout=first_byte_timeout,
+        alpn=alpn,
+    )
     return DoorService(name, description, endpoint, wrapped)
 
 
 def websocket_doors(
     settings: Settings,
-    authorizer: Authorizer,
-    sessions: Sessions,
+    gate: Gate,
     reactor: Any,
     tls: ReloadableServerTLS | None = None,
 ) -> list[DoorService]:
@@ -191,16 +256,7 @@ def websocket_doors(
         )
     doors = []
     for name, host, port, web_dir, extra in plan:
-        core = Door(
-            name,
-            authorizer,
-            sessions,
-            allowed_origins=settings.console.allowed_origins,
-            trusted_proxies=c.trusted_proxies,
-        )
-        factory = ConsoleServerFactory(
-            core, ping_interval=c.ping_interval, handshake_timeout=c.handshake_timeout
-        )
+        factory = ConsoleServerFactory(Door(name, gate), ping_interval=c.ping_interval)
         site = DoorFactory(
             door_site(web_dir, extra=extra, timeout=c.handshake_timeout),
             factory,
@@ -218,6 +274,7 @@ def websocket_doors(
                 tls=tls,
                 first_byte_timeout=c.handshake_timeout,
                 reactor=reactor,
+                alpn=HTTP_ALPN,
             )
         )
     return doors
@@ -225,8 +282,7 @@ def websocket_doors(
 
 def xvp_doors(
     settings: Settings,
-    authorizer: Authorizer,
-    sessions: Sessions,
+    gate: Gate,
     reactor: Any,
     tls: ReloadableServerTLS | None = None,
 ) -> list[DoorService]:
@@ -234,7 +290,7 @@ def xvp_doors(
     c = settings.consoled
     if not c.xvp_enabled:
         return []
-    factory = XVPFactory(authorizer, sessions, reactor, c.xvp_request_timeout)
+    factory = XVPFactory(gate, reactor, c.xvp_request_timeout)
     return [
         door(
             "xvp",
@@ -252,8 +308,7 @@ def xvp_doors(
 
 def serial_tcp_doors(
     settings: Settings,
-    authorizer: Authorizer,
-    sessions: Sessions,
+    gate: Gate,
     reactor: Any,
     tls: ReloadableServerTLS | None = None,
     proxy_name: str = "",
@@ -267,23 +322,7 @@ def serial_tcp_doors(
     c = settings.consoled
     if not c.serial_tcp_enabled:
         return []
-    factory = SerialTCPFactory(
-        authorizer,
-        sessions,
-        reactor,
-        c.serial_prompt_timeout,
-        proxy_name,
-        spectators=c.serial_spectators,
-    )
-
-    def watch(info: Any, protocol: Any) -> Any:
-        spectator = sessions.watch(info, "serial-tcp", protocol.client_address, protocol)
-        if spectator is None:  # the writer is on another proxy, or just left
-            protocol.close(Ending(Kind.PORT_BUSY, "held through another proxy"))
-            return None
-        return spectator.client_lost
-
-    factory.watch = watch
+    factory = SerialTCPFactory(gate, reactor, c.serial_prompt_timeout, proxy_name)
     return [
         door(
             "serial-tcp",

@@ -1,8 +1,9 @@
 """Why a console session ends or is refused: one vocabulary for every door.
 
-Each door maps these to its own wire form (an HTTP status before a websocket
-upgrade, a websocket close code after it, a line on a terminal); the table of
-wire forms is in docs/websocket.md and at the top of each door's module.
+Each kind has one row in :data:`ANSWERS`: the HTTP status of a refused
+websocket upgrade and of the XVP door's answer, and the websocket close code
+after an upgrade; the raw serial door prints the kind's text.  The same
+cause gives the same row on every door (docs/refusals.md has the table).
 """
 
 from __future__ import annotations
@@ -51,3 +52,34 @@ class Refusal(Exception):
         super().__init__(str(Ending(kind, detail)))
         self.ending = Ending(kind, detail)
         self.hash_prefix = hash_prefix
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """How doors put a kind on their wire."""
+
+    #: the status of a refused websocket upgrade, and of the XVP door's answer
+    http: int
+    #: the websocket close code once upgraded (4000 + HTTP status where one fits)
+    close: int
+
+
+ANSWERS: dict[Kind, Answer] = {
+    Kind.NO_TOKEN: Answer(401, 4401),
+    Kind.INVALID_TOKEN: Answer(401, 4401),
+    Kind.WRONG_CONSOLE_TYPE: Answer(403, 4403),
+    Kind.ORIGIN_REFUSED: Answer(403, 4403),
+    Kind.BAD_REQUEST: Answer(400, 4400),
+    Kind.STORE_UNAVAILABLE: Answer(503, 4503),
+    Kind.PORT_BUSY: Answer(409, 4409),
+    Kind.BACKEND_UNREACHABLE: Answer(502, 4502),
+    Kind.BACKEND_TIMEOUT: Answer(504, 4504),
+    Kind.BACKEND_REFUSED: Answer(502, 4506),
+    Kind.BACKEND_CLOSED: Answer(502, 1000),
+    Kind.CLIENT_CLOSED: Answer(400, 1000),
+    Kind.IDLE: Answer(408, 4408),
+    Kind.TOKEN_EXPIRED: Answer(401, 4401),
+    Kind.KICKED: Answer(409, 4409),
+    Kind.SHUTDOWN: Answer(503, 1001),
+    Kind.INTERNAL: Answer(500, 1011),
+}

@@ -19,9 +19,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from consoled import malloc
-from consoled.authorizer import Authorizer
 from consoled.config import ConfigError, Settings, load_settings
 from consoled.doors import CertificateReloader, serial_tcp_doors, websocket_doors, xvp_doors
+from consoled.gate import Gate
 from consoled.reactor import install as install_reactor
 from consoled.recording import Recorder
 from consoled.sessions import Sessions
@@ -53,7 +53,9 @@ class Options(usage.Options):
         try:
             self.settings: Settings = load_settings(self["config_files"], log=log)
         except ConfigError as error:
-            raise SystemExit(f"consoled: {error}")
+            # A file that cannot be read at all: name the option that gave it.
+            given = "--config-file " if error.group is None and error.option is None else ""
+            raise SystemExit(f"consoled: {given}{error}")
 
 
 class SequentialMultiService(MultiService):
@@ -121,6 +123,17 @@ def prepare_schema(store: Store, embedded: bool) -> None:
         raise SystemExit(f"consoled: {describe_error(error, store.engine.url)}")
 
 
+def store_refusal(error: Exception, settings: Settings) -> str:
+    """One line for a store that cannot even be built (a bad URL, an unusable state_path)."""
+    # Not the URL itself: it did not parse, so its password cannot be hidden.
+    if settings.database.connection is None:
+        option = f"[DEFAULT] state_path {settings.default.state_path or '(unset)'}"
+    else:
+        option = "[database] connection"
+    lines = str(error).strip().splitlines()
+    return f"{option}: cannot open the database: {type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def proxy_name(settings: Settings, worker: int = 0) -> str:
     name = settings.consoled.proxy_name
     if name is None:
@@ -139,17 +152,27 @@ def recorder_from_settings(settings: Settings, reactor: Any) -> Recorder | None:
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
+    """The whole consoled, or SystemExit with one line naming what to fix.
+
+    Start-up never half-starts: a bad database, schema or TLS file stops it
+    here, before twistd starts logging; a door that cannot bind stops it in
+    ``privilegedStartService`` (consoled.doors.DoorService), before any
+    service starts.  Either way twistd prints the line and exits with 1.
+    """
     if reactor is None:
         from twisted.internet import reactor
     settings = options.settings
     malloc.tune()
-    store, embedded = open_store(
-        settings.database.connection,
-        reactor,
-        threads=settings.consoled.db_threads,
-        state_path=settings.default.state_path,
-        recycle=settings.database.connection_recycle_time,
-    )
+    try:
+        store, embedded = open_store(
+            settings.database.connection,
+            reactor,
+            threads=settings.consoled.db_threads,
+            state_path=settings.default.state_path,
+            recycle=settings.database.connection_recycle_time,
+        )
+    except Exception as error:
+        raise SystemExit(f"consoled: {store_refusal(error, settings)}") from None
     prepare_schema(store, embedded)
     worker = int(options["worker"] or 0)
     try:
@@ -225,13 +248,20 @@ def compose(
     tls = server_tls_from_settings(settings)
     if tls is not None:
         CertificateReloader(tls, reactor).setServiceParent(top)
-    authorizer = Authorizer(store)
-    for door in websocket_doors(settings, authorizer, sessions, reactor, tls):
+    gate = Gate(
+        store,
+        sessions,
+        clock or reactor,
+        timeout=settings.consoled.admission_timeout,
+        allowed_origins=settings.console.allowed_origins,
+        trusted_proxies=settings.consoled.trusted_proxies,
+    )
+    for door in websocket_doors(settings, gate, reactor, tls):
         door.setServiceParent(top)
-    for door in xvp_doors(settings, authorizer, sessions, reactor, tls):
+    for door in xvp_doors(settings, gate, reactor, tls):
         door.setServiceParent(top)
     for door in serial_tcp_doors(
-        settings, authorizer, sessions, reactor, tls, proxy_name=proxy_name(settings, worker)
+        settings, gate, reactor, tls, proxy_name=proxy_name(settings, worker)
     ):
         door.setServiceParent(top)
     Announcer(

@@ -8,7 +8,6 @@ on a timer and, on shut-down, ends every session and waits for the rows.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +17,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from consoled.backends.tcp import BackendProtocol, connect_backend
+from consoled.backends import Connector, plain_tcp
+from consoled.backends.tcp import BackendProtocol
 from consoled.endings import Ending, Kind, Refusal
 from consoled.recording import Recorder, Recording
 from consoled.relay import ClientSide, Relay
-from consoled.spectators import DEMOTED, PROMOTED, READ_ONLY, Spectator
+from consoled.spectators import Seats, readable_utc
 from consoled.store import Store
 from consoled.store.runner import observe
 from consoled.tokens import ConnectInfo
@@ -44,9 +44,19 @@ class Session:
         "relay",
         "connecting",
         "finished",
+        "connector",
     )
 
-    def __init__(self, info: ConnectInfo, door: str, client_address: str, started: float) -> None:
+    def __init__(
+        self,
+        info: ConnectInfo,
+        door: str,
+        client_address: str,
+        started: float,
+        connector: Connector = plain_tcp,
+    ) -> None:
+        #: how this session reaches its console (chosen at the gate from the token row)
+        self.connector = connector
         self.id: int | None = None
         self.info = info
         self.door = door
@@ -76,11 +86,7 @@ class Admission:
     holds_lease: bool
 
 
-def _utc(seconds: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
-
-
-class Sessions(Service):
+class Sessions(Seats, Service):
     name = "sessions"
 
     def __init__(
@@ -145,7 +151,7 @@ class Sessions(Service):
             session_id, holder = opened
             if holder is None:
                 return Admission(session_id, info, True)
-            since = _utc(holder["acquired_at"])
+            since = readable_utc(holder["acquired_at"])
             refusal = Refusal(Kind.PORT_BUSY, f"held since {since}", info.hash_prefix)
             ended = self._store.end_session(
                 session_id, reason=str(refusal.ending), bytes_to_client=0, bytes_to_server=0
@@ -183,13 +189,14 @@ class Sessions(Service):
         client_address: str,
         client: ClientSide,
         admission: Admission | None = None,
+        connector: Connector = plain_tcp,
     ) -> Relay:
         """Relay ``client`` to the console ``info`` names; returns the relay at once.
 
-        A leased console's door may have admitted it already; if not, the
-        admission happens here first and a busy port ends the relay.
+        A leased console comes with its ``admission`` (row and lease, taken
+        at the gate); any other console's row is written here.
         """
-        session = Session(info, door, client_address, self._clock.seconds())
+        session = Session(info, door, client_address, self._clock.seconds(), connector)
         deadline = float(info.expires) if self._enforce_session_timeout else None
         relay = Relay(
             client,
@@ -207,11 +214,6 @@ class Sessions(Service):
             return relay
         if admission is not None:
             self._admitted(admission, session)
-        elif info.console_type in LEASED_TYPES:
-            admitting = self.admit(info, door, client_address)
-            admitting.addCallbacks(
-                self._admitted, self._admission_failed, (session,), None, (session,)
-            )
         else:
             # The row and the hypervisor connection proceed side by side; each
             # settles on its own, so a row written after the session already
@@ -223,95 +225,6 @@ class Sessions(Service):
             self._connect(session)
         return relay
 
-    def can_watch(self, info: ConnectInfo) -> bool:
-        """Whether a refused user of this console may join it read-only here."""
-        writer = self._writers.get((info.host, info.port))
-        return self.spectators and writer is not None and writer.relay is not None
-
-    def watch(
-        self, info: ConnectInfo, door: str, client_address: str, client: ClientSide
-    ) -> Spectator | None:
-        """Join the console's writer on this proxy read-only; None if there is none."""
-        writer = self._writers.get((info.host, info.port))
-        if not self.can_watch(info) or writer is None or writer.relay is None:
-            return None
-        spectator = self._join(writer.relay, info, door, client_address, client)
-        client.send(READ_ONLY)
-        log.info(
-            "spectator {client} joined {host}:{port} of writer session {session_id}",
-            client=client_address,
-            host=info.host,
-            port=info.port,
-            session_id=writer.id,
-        )
-        return spectator
-
-    def _join(
-        self, relay: Relay, info: ConnectInfo, door: str, client_address: str, client: ClientSide
-    ) -> Spectator:
-        """Add a read-only user to a writer's relay, with a spectator row of its own."""
-        row = self._store.open_session(
-            info=info, door=door, client_address=client_address, proxy=self.proxy, mode="spectator"
-        )
-        self._watching.add(row)
-
-        def ended(ending: Ending) -> None:
-            if spectator in relay.watchers:
-                relay.watchers.remove(spectator)
-            row.addCallback(
-                lambda session_id: self._store.end_session(
-                    session_id,
-                    reason=str(ending),
-                    bytes_to_client=spectator.bytes_to_client,
-                    bytes_to_server=0,
-                )
-            )
-            row.addErrback(lambda f: log.failure("spectator row", f))
-            row.addBoth(lambda _: self._watching.discard(row))
-
-        spectator = Spectator(client, ended)
-        spectator.client_address, spectator.door = client_address, door
-        relay.watchers.append(spectator)
-        return spectator
-
-    def takeover(self, session: Session) -> bool:
-        """Hand a writer's console to its first spectator; the writer watches from then on.
-
-        The console's one connection stays up: only the users swap places.
-        False when there is nobody to hand it to.
-        """
-        relay = session.relay
-        if not self.spectators or relay is None or relay.backend is None or not relay.watchers:
-            return False
-        promoted = relay.watchers[0]
-        promoted.detach(Ending(Kind.KICKED, "promoted to writer by an operator"))
-        previous = relay.hand_over(promoted.client)
-        promoted.client.rebind(relay)
-        old_address, old_door = session.client_address, session.door
-        session.client_address, session.door = promoted.client_address, promoted.door
-        demoted = self._join(relay, session.info, old_door, old_address, previous)
-        previous.rebind(demoted)
-        promoted.client.send(PROMOTED)
-        previous.send(DEMOTED)
-        assert session.id is not None
-        d = self._store.reassign_session(
-            session.id, client_address=promoted.client_address, door=promoted.door
-        )
-        d.addErrback(lambda f: log.failure("takeover row", f))
-        if session.recording is not None:
-            session.recording.event(
-                f"takeover: {promoted.client_address} writes, {old_address} watches"
-            )
-        log.info(
-            "session {session_id}: an operator handed {host}:{port} from {old} to {new}",
-            session_id=session.id,
-            host=session.info.host,
-            port=session.info.port,
-            old=old_address,
-            new=promoted.client_address,
-        )
-        return True
-
     def _admitted(self, admission: Admission, session: Session) -> None:
         session.holds_lease = admission.holds_lease
         if admission.holds_lease:
@@ -321,22 +234,9 @@ class Sessions(Service):
         if session.relay.ending is None:
             self._connect(session)
 
-    def _admission_failed(self, failure: Failure, session: Session) -> None:
-        assert session.relay is not None
-        ending = failure.value.ending if failure.check(Refusal) else Ending(Kind.INTERNAL)
-        session.relay.end(ending)
-        self.live.discard(session)
-        session.finished.callback(None)
-
     def _connect(self, session: Session) -> None:
         info = session.info
-        backend = connect_backend(
-            self._reactor,
-            info.host,
-            info.port,
-            timeout=self._connect_timeout,
-            connect_path=info.internal_access_path,
-        )
+        backend = session.connector(self._reactor, info, timeout=self._connect_timeout)
         session.connecting = backend
         backend.addCallbacks(
             self._backend_ready, self._backend_failed, (session,), None, (session,)

@@ -7,6 +7,12 @@
 - `tls_factory` wraps a listener's factory: plain, TLS only (`ssl_only`), or
   both on one port, told apart by the first byte the client sends: 0x16 (a
   TLS handshake record) means TLS, anything else plain, as websockify does.
+- ALPN: each door's TLS factory (`ServerTLSFactory`) names the protocols it
+  may select (`HTTP_ALPN` for the websocket doors, none for XVP and the raw
+  serial door). The server picks the first of them the client offers, and
+  when none is offered it goes on without ALPN instead of aborting the
+  handshake (OpenSSL 3 sends alert 80 if the callback finds no overlap, and
+  every browser offers `h2,http/1.1`).
 - `reload_on_sighup` reloads on SIGHUP, chaining to a handler already there.
 
 Semantics, defaults and examples: docs/tls.md.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,11 +38,12 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IReactorFromThreads,
+    IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -44,6 +52,14 @@ from consoled.config import Settings
 log = Logger()
 
 TLS_HANDSHAKE_RECORD = 0x16
+
+#: What the websocket doors may select: they speak HTTP/1.1 only (never h2,
+#: which every browser offers first).
+HTTP_ALPN: tuple[bytes, ...] = (b"http/1.1",)
+
+#: A certificate or key file larger than this is refused: it is read on the
+#: reactor thread, at start-up and on SIGHUP.
+MAX_PEM_BYTES = 1024 * 1024
 
 # ssl_minimum_version -> CertificateOptions arguments (the two are mutually exclusive).
 _MINIMUM_VERSIONS: dict[str, dict[str, Any]] = {
@@ -61,11 +77,26 @@ class TLSError(Exception):
 
 def _read(path: str, what: str) -> bytes:
     # Blocking reads, at start-up and on SIGHUP only: the files are a few kB.
+    # O_NONBLOCK makes opening a FIFO return at once (a plain open waits for a
+    # writer, forever, on the reactor thread); fstat then refuses anything but
+    # a regular file, judged on the file actually opened.
+    why = None
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                why = "not a regular file"
+            elif info.st_size > MAX_PEM_BYTES:
+                why = f"larger than {MAX_PEM_BYTES} bytes"
+            else:
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    return f.read(MAX_PEM_BYTES)
+        finally:
+            os.close(fd)
     except OSError as e:
-        raise TLSError(f"cannot read TLS {what} {path}: {e.strerror or e}") from None
+        why = e.strerror or str(e)
+    raise TLSError(f"cannot read TLS {what} {path}: {why}")
 
 
 def _certificates(path: str, data: bytes) -> list[x509.Certificate]:
@@ -86,6 +117,23 @@ def _private_key(path: str, data: bytes) -> Any:
         raise TLSError(f"TLS key in {path} is encrypted; a passphrase is not supported") from None
     except (ValueError, UnsupportedAlgorithm):
         raise TLSError(f"no usable PEM private key in {path}") from None
+
+
+def select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """The ALPN select callback of every context consoled serves with.
+
+    Picks the first protocol of the connection's door (its `ServerTLSFactory`'s
+    ``alpn``) that the client offered; with none in common the handshake goes on
+    with no protocol selected. Twisted's own callback answers b"" then, and
+    OpenSSL 3 aborts the handshake (alert 80, "no application protocol"): every
+    browser's handshake with a door that named no protocols.
+    """
+    protocol: TLSMemoryBIOProtocol | None = connection.get_app_data()
+    factory = getattr(protocol, "factory", None)
+    for candidate in getattr(factory, "alpn", ()):
+        if candidate in offered:
+            return candidate
+    return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def _acceptable_ciphers(ciphers: str | None) -> AcceptableCiphers | None:
@@ -123,7 +171,10 @@ def load_options(
             acceptableCiphers=ciphers,
             **_MINIMUM_VERSIONS[minimum_version],
         )
-        options.getContext()  # builds the context now, so OpenSSL's own checks run here
+        # Builds the context now, so OpenSSL's own checks run here. Options
+        # cache it and make every server Connection from it, so the ALPN
+        # callback set on it here replaces Twisted's for all of them.
+        options.getContext().set_alpn_select_callback(select_alpn)
     except (ValueError, SSL.Error) as e:
         raise TLSError(f"TLS certificate {cert_path} is not usable: {e}") from None
     return options
@@ -290,6 +341,20 @@ class FirstByteDetector(Protocol):
             self.inner.connectionLost(reason)
 
 
+class ServerTLSFactory(TLSMemoryBIOFactory):
+    """Server-side TLS around one door's factory; ``alpn`` is what it may select.
+
+    `select_alpn` reads ``alpn`` through each connection. An empty tuple (the
+    XVP and raw serial doors) selects nothing, whatever the client offers.
+    """
+
+    def __init__(
+        self, tls: ReloadableServerTLS, wrapped: IProtocolFactory, alpn: Sequence[bytes] = ()
+    ) -> None:
+        super().__init__(tls, False, wrapped)
+        self.alpn = tuple(alpn)
+
+
 class TLSOrPlainFactory(Factory):
     """One port for both: TLS when the first byte starts a handshake, else plain."""
 
@@ -297,14 +362,13 @@ class TLSOrPlainFactory(Factory):
         self,
         wrapped: IProtocolFactory,
         tls: ReloadableServerTLS,
+        clock: IReactorTime,
         first_byte_timeout: float = 0,
-        clock: Any = None,
+        alpn: Sequence[bytes] = (),
     ) -> None:
         self.plain = wrapped
-        self.tls = TLSMemoryBIOFactory(tls, False, wrapped)
+        self.tls = ServerTLSFactory(tls, wrapped, alpn)
         self.first_byte_timeout = first_byte_timeout
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.clock = clock
 
     def buildProtocol(self, addr: IAddress) -> FirstByteDetector:
@@ -321,17 +385,21 @@ def tls_factory(
     wrapped: IProtocolFactory,
     tls: ReloadableServerTLS | None,
     ssl_only: bool,
+    *,
+    clock: IReactorTime,
     first_byte_timeout: float = 0,
+    alpn: Sequence[bytes] = (),
 ) -> IProtocolFactory:
     """wrapped behind TLS as configured: plain (tls None), TLS only, or either.
 
     On a shared port a client that sends nothing is closed after
-    ``first_byte_timeout`` seconds (0: never).
+    ``first_byte_timeout`` seconds on ``clock`` (0: never). ``alpn`` is what
+    the door may select from a client's ALPN list (see `select_alpn`).
     """
     if tls is None:
         if ssl_only:
             raise ValueError("ssl_only needs TLS: server_tls_from_settings never gives None then")
         return wrapped
     if ssl_only:
-        return TLSMemoryBIOFactory(tls, False, wrapped)
-    return TLSOrPlainFactory(wrapped, tls, first_byte_timeout)
+        return ServerTLSFactory(tls, wrapped, alpn)
+    return TLSOrPlainFactory(wrapped, tls, clock, first_byte_timeout, alpn)

@@ -1,7 +1,8 @@
 """Real ``twistd -n consoled`` processes for integration tests.
 
 `start_consoled` spawns the daemon from this checkout with the test's reactor,
-fires once it logs ``consoled ready`` and registers a cleanup that stops it
+fires once it logs ``consoled ready`` (`spawn_consoled` does not wait, for a
+start-up that must fail) and registers a cleanup that stops it
 with SIGTERM and waits until it is reaped (SIGKILL if it has not ended after
 a grace period), so trial's dirty-reactor check stays quiet.  A process the
 test already killed is fine.  Nothing sleeps: log lines and the exit are
@@ -12,19 +13,25 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, error, protocol, reactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.peers import free_port
+
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = "from twisted.scripts.twistd import run; run()"
 ENV = {**os.environ, "PYTHONPATH": CHECKOUT}
 
 READY = b"consoled ready"
+#: What consoled says when a door's port is taken (consoled.doors.DoorService).
+PORT_TAKEN = b"address already in use"
 START_TIMEOUT = 20.0
 STOP_GRACE = 10.0
+PORT_ATTEMPTS = 5
 
 
 def write_config(testcase: SynchronousTestCase, text: str) -> str:
@@ -111,14 +118,47 @@ class Twistd(protocol.ProcessProtocol):
             return (yield self.kill())
 
 
-@defer.inlineCallbacks
-def start_consoled(testcase: SynchronousTestCase, *config_files: str) -> Any:
-    """Spawn ``twistd -n --pidfile= consoled --config-file F ...``; fire with its `Twistd` once ready."""
+def spawn_consoled(testcase: SynchronousTestCase, *config_files: str) -> Twistd:
+    """Spawn ``twistd -n --pidfile= consoled --config-file F ...`` and return its `Twistd` at once."""
     twistd = Twistd()
     argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "consoled"]
     for path in config_files:
         argv += ["--config-file", path]
     reactor.spawnProcess(twistd, sys.executable, argv, env=ENV, path=CHECKOUT)
     testcase.addCleanup(twistd.stop)
+    return twistd
+
+
+@defer.inlineCallbacks
+def start_consoled(testcase: SynchronousTestCase, *config_files: str) -> Any:
+    """Spawn consoled (`spawn_consoled`); fire with its `Twistd` once it logs that it is ready."""
+    twistd = spawn_consoled(testcase, *config_files)
     yield twistd.when_logged(READY, START_TIMEOUT)
     return twistd
+
+
+@defer.inlineCallbacks
+def start_consoled_on_free_ports(
+    testcase: SynchronousTestCase, count: int, config_text: Callable[[list[int]], str]
+) -> Any:
+    """Start consoled on ``count`` fresh ports; fire with (`Twistd`, config path, ports).
+
+    ``config_text(ports)`` is the INI text for those ports.  consoled's
+    options take no port 0, so the numbers come from `free_port` (never one
+    twice in this process); when another process took one meanwhile, the
+    daemon refuses with "address already in use" and this tries new ports.
+    """
+    tried: list[list[int]] = []
+    for _attempt in range(PORT_ATTEMPTS):
+        ports = [free_port() for _ in range(count)]
+        tried.append(ports)
+        path = write_config(testcase, config_text(ports))
+        twistd = spawn_consoled(testcase, path)
+        try:
+            yield twistd.when_logged(READY, START_TIMEOUT)
+        except RuntimeError:
+            if PORT_TAKEN in twistd.output:
+                continue
+            raise
+        return twistd, path, ports
+    raise RuntimeError(f"consoled found a port taken on every attempt: {tried}")

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from twisted.internet.testing import MemoryReactorClock
 
-from consoled.authorizer import Authorizer
+from consoled.gate import Gate
 from consoled.sessions import Sessions
 from consoled.store import Store, schema
 from consoled.store.engine import make_engine
@@ -30,8 +30,8 @@ class InlineCore:
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_800_000_000)
         self.store = Store(self.engine, InlineRunner(), self.reactor)
-        self.authorizer = Authorizer(self.store)
         self.sessions = Sessions(self.store, self.reactor, "fuzz", connect_timeout=5)
+        self.gate = Gate(self.store, self.sessions, self.reactor, timeout=10)
         self.sessions.startService()
         issued = testcase.successResultOf(
             self.store.authorize(

@@ -101,18 +101,29 @@ def require_executable(testcase: unittest.SynchronousTestCase, name: str, hint: 
     return path
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago.
+#: Every port free_port has handed out in this process: none is handed out twice.
+_HANDED_OUT: set[int] = set()
 
-    Racy by nature: the port is released before QEMU binds it, and another
-    process may take it in between.  QEMU needs the number on its command
-    line (it cannot listen on port 0 and report the port back), so the
-    starters retry with a new port when QEMU reports the address in use.
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, never the same one twice.
+
+    The kernel may give the same ephemeral port to two probes in a row, so
+    two peers (or two doors of one daemon) asking one after the other could
+    get one number; the set of ports already handed out rules that out.
+    Still racy against other processes: the port is released before QEMU (or
+    consoled) binds it.  Both need the number on their command line or in
+    their configuration, so their starters retry with new ports when the
+    address turns out to be in use (`_spawn_until_ready`,
+    `tests.daemon.start_consoled_on_free_ports`).
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((HOST, 0))
+            port: int = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _free_vnc_port() -> int:

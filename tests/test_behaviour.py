@@ -14,8 +14,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from consoled.endings import Kind
-from consoled.frontends.websocket import CLOSE_CODES
+from consoled.endings import ANSWERS, Kind
 from tests import hypervisors
 from tests.harness import Consoled, test_settings
 from tests.serialclient import terminal_connect
@@ -201,7 +200,7 @@ class WebSocketDoor:
 
     def assert_told(self: Any, closed: Any, kind: Kind) -> None:
         code, reason = closed
-        self.assertEqual(code, CLOSE_CODES[kind], reason)
+        self.assertEqual(code, ANSWERS[kind].close, reason)
         self.assertTrue((reason or "").startswith(kind.value), reason)
 
 
@@ -232,7 +231,7 @@ class XVPDoor:
         status, body = closed
         if kind in (Kind.BACKEND_UNREACHABLE, Kind.BACKEND_REFUSED, Kind.BACKEND_TIMEOUT):
             # Decided before the answer: a status line says why.
-            self.assertEqual(status, 502, body)
+            self.assertEqual(status, ANSWERS[kind].http, body)
             self.assertIn(kind.value.encode(), body)
         else:
             # After the 200 the stream is raw RFB: the connection just closes.

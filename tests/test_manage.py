@@ -63,14 +63,14 @@ class CommandTests(CommandBase):
         prefix = "http://127.0.0.1:6080/vnc_auto.html?path=%3Ftoken%3D"
         self.assertTrue(url.startswith(prefix), url)
         token = url[len(prefix) :]
-        info = self.successResultOf(self.store.validate(token))
+        info = self.successResultOf(self.store.find_token(hash_token(token)))
         self.assertEqual((info.host, info.port, info.expires), ("10.1.2.3", 5901, 1_800_000_600))
 
     def test_create_xvp_with_ttl_and_path(self) -> None:
         """--ttl and --internal-access-path are stored; xvpvnc gets the /console URL."""
         url = self.create("--type", "xvpvnc", "--ttl", "30", "--internal-access-path", "/c?ref=9")
         self.assertTrue(url.startswith("http://127.0.0.1:6081/console?token="), url)
-        info = self.successResultOf(self.store.validate(url.split("token=")[1]))
+        info = self.successResultOf(self.store.find_token(hash_token(url.split("token="))[1]))
         self.assertEqual((info.expires, info.internal_access_path), (1_800_000_030, "/c?ref=9"))
 
     def test_show_never_prints_the_token(self) -> None:

@@ -29,15 +29,18 @@ class SerialLockTests(TestCase):
 
     @defer.inlineCallbacks
     def test_second_user_refused_until_first_leaves(self) -> Any:
-        """While one user holds the port another gets 409 naming since when; then it is free."""
+        """While one user holds the port another gets 409 (explained: since when); then it is free."""
         first = yield ws_connect(self.port, (yield self.token()))
         first.send(b"a")
         yield first.read(1)
         status, _, body = yield http_request(
             self.port, upgrade_request(f"/?token={(yield self.token())}")
         )
-        self.assertEqual(status, 409)
-        self.assertIn(b"console port in use: held since", body)
+        self.assertEqual((status, body), (409, b""))
+        explained = yield ws_connect(self.port, (yield self.token()), explain=True)
+        code, reason = yield explained.closed
+        self.assertEqual(code, 4409)
+        self.assertIn("console port in use: held since", reason)
         first.sendClose(1000)
         yield first.closed
         yield self.consoled.wait_sessions_ended()
@@ -47,7 +50,7 @@ class SerialLockTests(TestCase):
         second.sendClose(1000)
         yield second.closed
         rows = self.consoled.session_rows()
-        self.assertEqual(len(rows), 3)
+        self.assertEqual(len(rows), 4)  # first, refused, refused and explained, second
         self.assertTrue(rows[1]["end_reason"].startswith("console port in use"), rows[1])
 
     @defer.inlineCallbacks
@@ -56,7 +59,7 @@ class SerialLockTests(TestCase):
         store = self.consoled.store
         release_gate: defer.Deferred[None] = defer.Deferred()
         ending: defer.Deferred[None] = defer.Deferred()
-        real_end, real_open, real_validate = store.end_session, store.open_writer, store.validate
+        real_end, real_open, real_find = store.end_session, store.open_writer, store.find_token
         order: list[str] = []
 
         def held_end(*args: Any, **kwargs: Any) -> Any:
@@ -66,14 +69,14 @@ class SerialLockTests(TestCase):
             ending.callback(None)
             return release_gate.addCallback(lambda _: real_end(*args, **kwargs))
 
-        def validate(token: str) -> Any:
+        def find_token(token_hash: str) -> Any:
             # The gate opens on the turn after the second user's token checks
             # out; the admission runs in that same turn, gate still shut.
             def checked(info: Any) -> Any:
                 reactor.callLater(0, release_gate.callback, None)
                 return info
 
-            return real_validate(token).addCallback(checked)
+            return real_find(token_hash).addCallback(checked)
 
         def open_writer(**kwargs: Any) -> Any:
             order.append("open" if release_gate.called else "open while the lease is held")
@@ -85,7 +88,7 @@ class SerialLockTests(TestCase):
         self.patch(store, "end_session", held_end)
         first.sendClose(1000)
         yield ending  # the first session is ending; its lease is still in the table
-        self.patch(store, "validate", validate)
+        self.patch(store, "find_token", find_token)
         self.patch(store, "open_writer", open_writer)
         second = yield ws_connect(self.port, (yield self.token()))
         second.send(b"b")
@@ -181,16 +184,14 @@ class TakeoverTests(TestCase):
         yield connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", consoled.port("serial-tcp")), waiting
         )
-        while b"read-only" not in waiting._head:
-            yield _tick()
+        yield waiting.read_until(b"read-only")
         writer_row = consoled.session_rows()[0]
         yield consoled.store.request_kick(
             session_id=writer_row["id"], reason="hand over", takeover=True
         )
         yield consoled.sessions.touch()
         yield writer.read_until(b"you are read-only now]\r\n")
-        while b"you can type now]" not in waiting._head:
-            yield _tick()
+        yield waiting.read_until(b"you can type now]")
         waiting.transport.write(b"from-new")
         self.assertEqual((yield writer.read_until(b"from-new"))[-8:], b"from-new")  # watches
         writer.send(b"ignored")  # dropped, and the old writer is told

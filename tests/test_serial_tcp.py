@@ -20,16 +20,16 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from consoled.authorizer import Authorizer
 from consoled.endings import Ending, Kind, Refusal
 from consoled.frontends.serial_tcp import BANNER, OFFER, PROMPT, SerialTCPFactory
+from consoled.gate import Gate
 from consoled.relay import Relay
-from consoled.sessions import Sessions
+from consoled.sessions import Admission, Sessions
 from consoled.store import Store, schema
 from consoled.store.engine import make_engine
 from consoled.store.runner import ThreadRunner
 from consoled.store.tables import sessions as sessions_table
-from consoled.tokens import ConnectInfo
+from consoled.tokens import ConnectInfo, hash_token
 from tests import hypervisors
 from tests.harness import INSTANCE
 from tests.peers import require_executable, start_qemu_monitor
@@ -60,36 +60,40 @@ def iac(*codes: int) -> bytes:
     return bytes([IAC, *codes])
 
 
-class FakeAuthorizer:
-    """Knows the token "good"; refuses others; ``hold`` keeps answers until ``release``."""
+class FakeStore:
+    """Knows the token "good" (by its hash, as the gate asks); ``hold`` keeps answers until
+    ``release``; ``store_down`` fails every look-up."""
 
     def __init__(self) -> None:
         self.tokens: dict[str, ConnectInfo] = {"good": INFO}
         self.seen: list[str] = []
         self.hold = False
-        self.held: list[tuple[str, defer.Deferred[ConnectInfo]]] = []
+        self.held: list[tuple[str, defer.Deferred[ConnectInfo | None]]] = []
         self.store_down = False
 
-    def validate(self, token: str) -> defer.Deferred[ConnectInfo]:
-        self.seen.append(token)
+    def find_token(self, token_hash: str) -> defer.Deferred[ConnectInfo | None]:
+        self.seen.append(token_hash)
         if self.hold:
-            d: defer.Deferred[ConnectInfo] = defer.Deferred()
-            self.held.append((token, d))
+            d: defer.Deferred[ConnectInfo | None] = defer.Deferred()
+            self.held.append((token_hash, d))
             return d
-        return self._answer(token)
+        return self._answer(token_hash)
 
-    def _answer(self, token: str) -> defer.Deferred[ConnectInfo]:
+    def _answer(self, token_hash: str) -> defer.Deferred[ConnectInfo | None]:
         if self.store_down:
-            return defer.fail(Refusal(Kind.STORE_UNAVAILABLE))
-        info = self.tokens.get(token)
-        if info is None:
-            return defer.fail(Refusal(Kind.INVALID_TOKEN, hash_prefix="0123abcd"))
-        return defer.succeed(info)
+            return defer.fail(OSError("database is down"))
+        by_hash = {hash_token(token): info for token, info in self.tokens.items()}
+        return defer.succeed(by_hash.get(token_hash))
 
     def release(self) -> None:
         held, self.held = self.held, []
-        for token, d in held:
-            self._answer(token).chainDeferred(d)
+        for token_hash, d in held:
+            self._answer(token_hash).chainDeferred(d)
+
+
+def hashes(*tokens: str) -> list[str]:
+    """What the store was asked for these tokens: their digests, hashed once by the gate."""
+    return [hash_token(token) for token in tokens]
 
 
 class FakeBackend:
@@ -103,18 +107,34 @@ class FakeBackend:
 
 
 class FakeSessions:
-    """Records start() and returns a real Relay; ``refuse`` makes start raise it."""
+    """Leases every port (``busy`` refuses it), records start() and returns a real Relay."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.started: list[tuple[ConnectInfo, str, str]] = []
         self.relays: list[Relay] = []
         self.endings: list[Ending] = []
-        self.refuse: Refusal | None = None
+        self.released: list[str] = []
+        self.busy: Refusal | None = None
+        self.users = "nobody else uses this console through this proxy"
 
-    def start(self, info: ConnectInfo, door: str, client_address: str, client: Any) -> Relay:
-        if self.refuse is not None:
-            raise self.refuse
+    def admit(self, info: ConnectInfo, door: str, client_address: str) -> defer.Deferred[Any]:
+        if self.busy is not None:
+            return defer.fail(self.busy)
+        return defer.succeed(Admission(1, info, True))
+
+    def can_watch(self, info: ConnectInfo) -> bool:
+        return False
+
+    def release(self, admission: Admission, reason: str) -> None:
+        self.released.append(reason)
+
+    def who(self, info: ConnectInfo) -> str:
+        return self.users
+
+    def start(
+        self, info: ConnectInfo, door: str, client_address: str, client: Any, *rest: Any
+    ) -> Relay:
         self.started.append((info, door, client_address))
         relay = Relay(client, self.clock, self.endings.append)
         self.relays.append(relay)
@@ -124,15 +144,15 @@ class FakeSessions:
 class DoorTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.authorizer = FakeAuthorizer()
+        self.store = FakeStore()
         self.sessions = FakeSessions(self.clock)
-        self.factory = SerialTCPFactory(
-            self.authorizer,  # type: ignore[arg-type]
+        self.gate = Gate(
+            self.store,  # type: ignore[arg-type]
             self.sessions,  # type: ignore[arg-type]
             self.clock,
-            60,
-            "test-proxy",
+            timeout=10,
         )
+        self.factory = SerialTCPFactory(self.gate, self.clock, 60, "test-proxy")
 
     def connect(self) -> tuple[Any, StringTransport]:
         peer = IPv4Address("TCP", "192.0.2.7", 40000)
@@ -169,7 +189,7 @@ class PromptTests(DoorTestCase):
         protocol, transport = self.connect()
         protocol.dataReceived(b"  good \r\n")
         self.assertEqual(self.sessions.started, [(INFO, "serial-tcp", "192.0.2.7")])
-        self.assertEqual(self.authorizer.seen, ["good"])
+        self.assertEqual(self.store.seen, hashes("good"))
         self.assertEqual(transport.value(), GREETING + b"\r\n")
         self.assertEqual(protocol.state, "admitting")
 
@@ -190,7 +210,7 @@ class PromptTests(DoorTestCase):
         """Enter on an empty line prompts again without asking the authorizer."""
         protocol, transport = self.connect()
         protocol.dataReceived(b"\r\n \n\r")
-        self.assertEqual(self.authorizer.seen, [])
+        self.assertEqual(self.store.seen, hashes())
         self.assertEqual(transport.value(), GREETING + (b"\r\n" + PROMPT) * 3)
         self.assertEqual(protocol.state, "prompting")
 
@@ -206,17 +226,17 @@ class PromptTests(DoorTestCase):
             GREETING + (line + PROMPT) * 2 + line + b"too many tries, goodbye\r\n",
         )
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(self.authorizer.seen, ["bad1", "bad2", "bad3"])
+        self.assertEqual(self.store.seen, hashes("bad1", "bad2", "bad3"))
         self.assertEqual(self.sessions.started, [])
 
     def test_too_long(self) -> None:
         """256 characters are refused without a look-up and count as a try; 255 are looked up."""
         protocol, transport = self.connect()
         protocol.dataReceived(b"a" * 256 + b"\r")
-        self.assertEqual(transport.value(), GREETING + b"\r\ntoken too long\r\n" + PROMPT)
-        self.assertEqual(self.authorizer.seen, [])
+        self.assertEqual(transport.value(), GREETING + b"\r\nbad request: token too long\r\n" + PROMPT)
+        self.assertEqual(self.store.seen, hashes())
         protocol.dataReceived(b"b" * 255 + b"\r")
-        self.assertEqual(self.authorizer.seen, ["b" * 255])
+        self.assertEqual(self.store.seen, hashes("b" * 255))
         protocol.dataReceived(b"c" * 1000 + b"\r")
         self.assertTrue(transport.value().endswith(b"too many tries, goodbye\r\n"))
 
@@ -224,7 +244,7 @@ class PromptTests(DoorTestCase):
         """DEL and BS remove the last character; extra ones on an empty line do nothing."""
         protocol, _ = self.connect()
         protocol.dataReceived(b"\x7f\x08gx\x7foox\x08d\r")
-        self.assertEqual(self.authorizer.seen, ["good"])
+        self.assertEqual(self.store.seen, hashes("good"))
 
     def test_ctrl_c_leaves(self) -> None:
         """Ctrl-C at the prompt says goodbye and closes (socat raw has no other way out)."""
@@ -232,7 +252,7 @@ class PromptTests(DoorTestCase):
         protocol.dataReceived(b"go\x03od\r")
         self.assertTrue(transport.value().endswith(b"goodbye\r\n"))
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(self.authorizer.seen, [])
+        self.assertEqual(self.store.seen, hashes())
 
     def test_deadline(self) -> None:
         """No complete line within prompt_timeout: a line, then close; typing does not reset it."""
@@ -249,15 +269,16 @@ class PromptTests(DoorTestCase):
 
     def test_store_unavailable(self) -> None:
         """A store failure is one line, then close: not a try."""
-        self.authorizer.store_down = True
+        self.store.store_down = True
         protocol, transport = self.connect()
         protocol.dataReceived(b"good\r")
         self.assertEqual(transport.value(), GREETING + b"\r\ntoken store unavailable\r\n")
         self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_wrong_console_type(self) -> None:
         """A token for another console type is refused with its text and counts as a try."""
-        self.authorizer.tokens["vnc"] = ConnectInfo(
+        self.store.tokens["vnc"] = ConnectInfo(
             **{**{f: getattr(INFO, f) for f in INFO.__dataclass_fields__}, "console_type": "novnc"}
         )
         protocol, transport = self.connect()
@@ -289,30 +310,36 @@ class PromptTests(DoorTestCase):
 
     def test_user_leaves_during_check(self) -> None:
         """A user gone before the token check answers gets no session."""
-        self.authorizer.hold = True
+        self.store.hold = True
         protocol, _ = self.connect()
         protocol.dataReceived(b"good\r")
         protocol.connectionLost(Failure(ConnectionDone()))
-        self.authorizer.release()
+        self.store.release()
         self.assertEqual(self.sessions.started, [])
 
     def test_deadline_during_check(self) -> None:
-        """A token check still unanswered at the deadline closes; a late answer starts nothing."""
-        self.authorizer.hold = True
+        """A token check unanswered within the gate's timeout closes, whatever the prompt's
+        deadline; a late answer starts nothing and leaves no timer."""
+        self.store.hold = True
         protocol, transport = self.connect()
         protocol.dataReceived(b"good\r")
-        self.clock.advance(60)
-        self.assertTrue(transport.value().endswith(b"token not checked within 60s, goodbye\r\n"))
-        self.authorizer.release()
+        self.clock.advance(10)
+        self.assertTrue(
+            transport.value().endswith(b"token store unavailable: no answer within 10s\r\n")
+        )
+        self.assertTrue(transport.disconnecting)
+        self.store.release()
         self.assertEqual(self.sessions.started, [])
+        self.assertEqual(self.sessions.released, ["client gone before its session started"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_early_input_forwarded_after_ready(self) -> None:
         """Bytes typed during the check reach the console after the ready line, in order."""
-        self.authorizer.hold = True
+        self.store.hold = True
         protocol, transport = self.connect()
         protocol.dataReceived(b"good\r\nls\r")
         protocol.dataReceived(b" -l\r")
-        self.authorizer.release()
+        self.store.release()
         backend = FakeBackend()
         self.sessions.relays[0].attach_backend(backend)
         self.assertEqual(backend.transport.value(), b"ls\r -l\r")
@@ -320,13 +347,13 @@ class PromptTests(DoorTestCase):
 
     def test_early_input_bounded(self) -> None:
         """Past 4 KiB typed during the check, reading pauses; it resumes once relaying."""
-        self.authorizer.hold = True
+        self.store.hold = True
         protocol, transport = self.connect()
         protocol.dataReceived(b"good\r" + b"y" * 4096)
         self.assertEqual(transport.producerState, "producing")
         protocol.dataReceived(b"y")
         self.assertEqual(transport.producerState, "paused")
-        self.authorizer.release()
+        self.store.release()
         backend = FakeBackend()
         self.sessions.relays[0].attach_backend(backend)
         self.assertEqual(backend.transport.value(), b"y" * 4097)
@@ -334,13 +361,13 @@ class PromptTests(DoorTestCase):
 
     def test_typed_during_refused_check_is_next_try(self) -> None:
         """A line typed while a bad token is checked is the next try."""
-        self.authorizer.hold = True
+        self.store.hold = True
         protocol, _ = self.connect()
         protocol.dataReceived(b"bad\rgood\r")
-        self.assertEqual(self.authorizer.seen, ["bad"])
-        self.authorizer.release()
-        self.assertEqual(self.authorizer.seen, ["bad", "good"])
-        self.authorizer.release()
+        self.assertEqual(self.store.seen, hashes("bad"))
+        self.store.release()
+        self.assertEqual(self.store.seen, hashes("bad", "good"))
+        self.store.release()
         self.assertEqual(len(self.sessions.started), 1)
 
 
@@ -352,7 +379,7 @@ class TelnetTests(DoorTestCase):
         self.assertTrue(protocol.speaks_telnet)
         self.assertEqual(protocol.telnet.local, {ECHO, SGA})
         self.assertEqual(transport.value(), GREETING + b"\r\n")
-        self.assertEqual(self.authorizer.seen, ["good"])
+        self.assertEqual(self.store.seen, hashes("good"))
 
     def test_negotiation_replies(self) -> None:
         """Unknown options refused once per request, SGA from the client accepted, no loops."""
@@ -379,7 +406,7 @@ class TelnetTests(DoorTestCase):
         protocol, _ = self.connect()
         protocol.dataReceived(b"go" + iac(NOP) + iac(AYT) + iac(EC) + b"o" + iac(SB, 24) + iac(SE))
         protocol.dataReceived(b"d\r\x00")
-        self.assertEqual(self.authorizer.seen, ["good"])
+        self.assertEqual(self.store.seen, hashes("good"))
 
     def test_iac_escaping_both_ways(self) -> None:
         """0xFF from the console is doubled; IAC IAC from the user is one 0xFF to the console."""
@@ -453,11 +480,14 @@ class EscapeTests(DoorTestCase):
         self.assertEqual(len(self.sessions.endings), 2)
 
     def test_who_and_help(self) -> None:
-        """Ctrl-] w prints the factory's who(), Ctrl-] ? the help; nothing reaches the console."""
+        """Ctrl-] w prints who uses the console (the session layer's answer), Ctrl-] ? the help;
+        nothing reaches the console."""
         protocol, transport, backend = self.admitted()
         protocol.dataReceived(b"\x1dw")
-        self.assertEqual(transport.value(), b"\r\nyou are the only user of this port\r\n")
-        self.factory.who = lambda: "alice since 10:00"  # type: ignore[method-assign]
+        self.assertEqual(
+            transport.value(), b"\r\nnobody else uses this console through this proxy\r\n"
+        )
+        self.sessions.users = "alice since 10:00"
         transport.clear()
         protocol.dataReceived(b"\x1dw\x1d?")
         output = transport.value().decode()
@@ -526,42 +556,16 @@ class EndingTests(DoorTestCase):
             self.assertEqual(transport.value(), b"\r\n" + text + b"\r\n")
             self.assertTrue(transport.disconnecting)
 
-    def test_port_busy_raised(self) -> None:
-        """A PORT_BUSY raised by start() is printed as unavailable (spectators off)."""
-        self.sessions.refuse = Refusal(Kind.PORT_BUSY, "held since 2030-01-01 00:00:00 UTC")
+    def test_port_busy(self) -> None:
+        """A port held by another writer (no seat here) is printed as the gate's refusal."""
+        self.sessions.busy = Refusal(Kind.PORT_BUSY, "held since 2030-01-01 00:00:00 UTC")
         protocol, transport = self.connect()
         protocol.dataReceived(b"good\r")
         self.assertTrue(
-            transport.value().endswith(
-                b"console unavailable: console port in use: held since 2030-01-01 00:00:00 UTC\r\n"
-            )
+            transport.value().endswith(b"console port in use: held since 2030-01-01 00:00:00 UTC\r\n")
         )
         self.assertTrue(transport.disconnecting)
-
-    def test_port_busy_spectator_hook(self) -> None:
-        """With spectators on and a watch hook, a busy port makes a read-only watcher."""
-        watched: list[tuple[ConnectInfo, Any]] = []
-        stopped: list[bool] = []
-        self.factory.spectators = True
-        self.factory.watch = lambda info, door: (
-            watched.append((info, door))
-            or (  # type: ignore[attr-defined]
-                lambda: stopped.append(True)
-            )
-        )
-        protocol, transport = self.connect()
-        protocol.dataReceived(b"good\r")
-        self.sessions.relays[0].end(Ending(Kind.PORT_BUSY, "held since noon"))
-        self.assertEqual(protocol.state, "watching")
-        self.assertEqual(watched, [(INFO, protocol)])
-        self.assertFalse(transport.disconnecting)
-        protocol.send(b"console output")
-        protocol.dataReceived(b"typed")
-        self.assertIn(b"console output", transport.value())
-        protocol.dataReceived(b"\x1d.")
-        self.assertTrue(transport.disconnecting)
-        protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(stopped, [True])
+        self.assertEqual(self.sessions.started, [])
 
     def test_connection_lost(self) -> None:
         """The user leaving ends the relay as client closed and leaves no timer behind."""
@@ -625,7 +629,7 @@ class PropertyTests(DoorTestCase):
     @given(st.binary(max_size=400), SIZES)
     def test_prompt_never_raises(self, data: bytes, sizes: list[int]) -> None:
         """Any bytes in any chunks: still prompting and open, or a last line and closed."""
-        self.authorizer.tokens.clear()
+        self.store.tokens.clear()
         protocol, transport = self.connect()
         for chunk in chunked(data, sizes):
             protocol.dataReceived(chunk)
@@ -751,7 +755,8 @@ class RealPeerTests(TestCase):
         self.sessions = Sessions(self.store, reactor, "test-proxy")
         self.sessions.startService()
         self.addCleanup(self.sessions.stopService)
-        factory = SerialTCPFactory(Authorizer(self.store), self.sessions, reactor, 10, "test-proxy")
+        gate = Gate(self.store, self.sessions, reactor, timeout=10)
+        factory = SerialTCPFactory(gate, reactor, 10, "test-proxy")
         listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         self.port = listening.getHost().port
@@ -824,7 +829,7 @@ class RealPeerTests(TestCase):
             (yield self.authorize("127.0.0.1", echo.port)).token.encode() + b"\r"
         )
         yield second.closed
-        self.assertIn(b"console unavailable: console port in use: held since", second.received)
+        self.assertIn(b"\r\nconsole port in use: held since", second.received)
         first.transport.write(b"ping")
         yield first.until(b"ping")
         first.transport.loseConnection()

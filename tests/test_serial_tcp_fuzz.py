@@ -40,9 +40,7 @@ class SerialDoorPropertyTests(SynchronousTestCase):
             self.core.sessions,
             self.core.token,
         )
-        self.factory = SerialTCPFactory(
-            self.core.authorizer, self.sessions, self.reactor, 60, "fuzz"
-        )
+        self.factory = SerialTCPFactory(self.core.gate, self.reactor, 60, "fuzz")
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(inputs(), st.lists(st.integers(1, 16), max_size=60), st.booleans())

@@ -68,18 +68,18 @@ class StoreTestsMixin:
     def test_validate(self: Any) -> None:
         """A live token leads to its console; the answer carries no token."""
         issued = self.authorize()
-        info = self.successResultOf(self.store.validate(issued.token))
+        info = self.successResultOf(self.store.find_token(hash_token(issued.token)))
         self.assertEqual((info.host, info.port, info.console_type), ("compute-1", 5901, "novnc"))
         self.assertEqual(info, issued.connect_info)
 
     def test_expired_and_unknown_are_one_answer(self: Any) -> None:
         """An unknown token and one at or past its expiry both validate to None."""
         issued = self.authorize(ttl=10)
-        self.assertIsNone(self.successResultOf(self.store.validate(str(uuid.uuid4()))))
+        self.assertIsNone(self.successResultOf(self.store.find_token(hash_token(str(uuid.uuid4())))))
         self.clock.advance(9)
-        self.assertIsNotNone(self.successResultOf(self.store.validate(issued.token)))
+        self.assertIsNotNone(self.successResultOf(self.store.find_token(hash_token(issued.token))))
         self.clock.advance(1)
-        self.assertIsNone(self.successResultOf(self.store.validate(issued.token)))
+        self.assertIsNone(self.successResultOf(self.store.find_token(hash_token(issued.token))))
 
     def test_nova_written_row_validates(self: Any) -> None:
         """A row inserted the way nova's console_auth_token_create does validates here."""
@@ -98,7 +98,7 @@ class StoreTestsMixin:
                     created_at=datetime.datetime(2027, 1, 15, 8, 0),
                 )
             )
-        info = self.successResultOf(self.store.validate(token))
+        info = self.successResultOf(self.store.find_token(hash_token(token)))
         self.assertEqual((info.console_type, info.host, info.port), ("serial", "10.0.0.5", 10000))
         self.assertIsNone(info.tls_port)
 
@@ -131,8 +131,8 @@ class StoreTestsMixin:
         kept = self.authorize(instance_uuid=OTHER)
         self.assertEqual(self.successResultOf(self.store.revoke_instance(INSTANCE)), 3)
         for each in issued:
-            self.assertIsNone(self.successResultOf(self.store.validate(each.token)))
-        self.assertIsNotNone(self.successResultOf(self.store.validate(kept.token)))
+            self.assertIsNone(self.successResultOf(self.store.find_token(hash_token(each.token))))
+        self.assertIsNotNone(self.successResultOf(self.store.find_token(hash_token(kept.token))))
 
     def test_clean_expired_in_bounded_batches(self: Any) -> None:
         """Seven expired tokens go in batches of three (three DELETEs); live ones stay."""

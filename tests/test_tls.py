@@ -1,17 +1,23 @@
-"""TLS for the listeners: start-up checks, TLS-only and mixed ports, versions, ciphers, reload.
+"""TLS for the listeners: start-up checks, TLS-only and mixed ports, versions, ciphers,
+reload, and ALPN as browsers offer it.
 
 Certificates are made here with `cryptography` (EC P-256, so it is fast): a
 CA, an intermediate, and server certificates for localhost/127.0.0.1. The
 integration tests listen on 127.0.0.1 port 0 and talk to an echo protocol
-with real Twisted TLS clients.
+with real Twisted TLS clients; the door tests run a whole consoled in the
+test's reactor and reach it with clients that offer ALPN as browsers and curl
+do: Twisted's, Python's `ssl` (blocking, so in a thread) and `openssl s_client`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import os
 import signal
+import socket
+import ssl
 from typing import Any
 
 from cryptography import x509
@@ -19,12 +25,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -32,7 +40,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from consoled.config import ConsoleSettings, DefaultSettings, Settings
+from consoled.frontends.serial_tcp import PROMPT
 from consoled.tls import (
+    HTTP_ALPN,
+    MAX_PEM_BYTES,
     FirstByteDetector,
     ReloadableServerTLS,
     TLSError,
@@ -41,6 +52,11 @@ from consoled.tls import (
     server_tls_from_settings,
     tls_factory,
 )
+from tests import hypervisors
+from tests.harness import Consoled, test_settings
+from tests.peers import require_executable
+from tests.wsclient import ws_connect
+from tests.xvpclient import java_request
 
 HOST = "127.0.0.1"
 _DAY = datetime.timedelta(days=1)
@@ -195,9 +211,12 @@ class RawClientTLS:
 class ListenerMixin:
     """Listen on 127.0.0.1:0 behind tls_factory; connect clients; clean everything up."""
 
-    def listen(self: Any, tls: ReloadableServerTLS | None, ssl_only: bool) -> int:
+    def listen(
+        self: Any, tls: ReloadableServerTLS | None, ssl_only: bool, alpn: tuple[bytes, ...] = ()
+    ) -> int:
         echo = EchoFactory()
-        port = reactor.listenTCP(0, tls_factory(echo, tls, ssl_only), interface=HOST)
+        factory = tls_factory(echo, tls, ssl_only, clock=reactor, alpn=alpn)
+        port = reactor.listenTCP(0, factory, interface=HOST)
         self.addCleanup(port.stopListening)
         self.addCleanup(self._close_server_side, echo)
         return port.getHost().port
@@ -233,8 +252,66 @@ class ListenerMixin:
         self.assertEqual(client.received, b"")
 
 
-def trusting_ca() -> Any:
-    return optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(_cert_pem(CA[0])))
+def trusting_ca(alpn: tuple[bytes, ...] = ()) -> Any:
+    """Twisted client options trusting the test CA, offering alpn (if any) over ALPN."""
+    return optionsForClientTLS(
+        "localhost",
+        trustRoot=Certificate.loadPEM(_cert_pem(CA[0])),
+        acceptableProtocols=list(alpn) or None,
+    )
+
+
+BROWSER_ALPN = (b"h2", b"http/1.1")  # what Chromium, Firefox and curl offer
+
+
+def stdlib_exchange(
+    port: int, alpn: list[str], request: bytes, until: bytes
+) -> tuple[str | None, bytes]:
+    """Python's ssl, blocking (run it in a thread): offer alpn, send request, read
+    until `until` arrives or the server closes; return (selected ALPN, bytes read)."""
+    context = ssl.create_default_context(cadata=_cert_pem(CA[0]).decode())
+    context.set_alpn_protocols(alpn)
+    with (
+        socket.create_connection((HOST, port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        selected = tls.selected_alpn_protocol()
+        tls.sendall(request)
+        received = b""
+        while until not in received and (chunk := tls.recv(65536)):
+            received += chunk
+        return selected, received
+
+
+class _Output(ProcessProtocol):
+    def __init__(self, ended: Deferred[tuple[bytes, int | None]], stdin: bytes) -> None:
+        self.ended, self.stdin, self.output = ended, stdin, b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.stdin)
+        self.transport.closeStdin()  # -ign_eof: s_client still reads until the server closes
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback((self.output, reason.value.exitCode))
+
+
+def s_client(
+    testcase: TestCase, port: int, alpn: str, stdin: bytes
+) -> Deferred[tuple[bytes, int | None]]:
+    """openssl s_client offering alpn: sends stdin, reads until the server closes;
+    fires with (stdout and stderr, exit code). Killed after 15 s."""
+    openssl = require_executable(testcase, "openssl", "apt-get install -y openssl")
+    ended: Deferred[tuple[bytes, int | None]] = Deferred()
+    argv = [openssl, "s_client", "-connect", f"{HOST}:{port}", "-servername", "localhost"]
+    argv += ["-alpn", alpn, "-ign_eof", "-CAfile", write(testcase, _cert_pem(CA[0]))]
+    process = reactor.spawnProcess(_Output(ended, stdin), openssl, argv, env={})
+    killer = reactor.callLater(15, process.signalProcess, "KILL")
+    return ended.addBoth(lambda result: (killer.active() and killer.cancel(), result)[1])
 
 
 # --- tests -------------------------------------------------------------------
@@ -269,6 +346,36 @@ class StartupTests(SynchronousTestCase):
         e = self.assertRaises(TLSError, ReloadableServerTLS, cert, None)
         self.assertIn(cert, str(e))
 
+    def test_fifo_certificate_refused_without_blocking(self) -> None:
+        """A certificate path that is a FIFO is refused at once (an open() would wait
+        for a writer forever): one line naming the file, "not a regular file"."""
+        fifo = os.path.abspath(self.mktemp())
+        os.mkfifo(fifo)
+        e = self.assertRaises(TLSError, ReloadableServerTLS, fifo)
+        self.assertIn(fifo, str(e))
+        self.assertIn("not a regular file", str(e))
+        self.assertNotIn("\n", str(e))
+
+    def test_fifo_key_refused(self) -> None:
+        """A key path that is a FIFO is refused the same way, naming the key file."""
+        cert, _ = write_pair(self, SERVER_A)
+        fifo = os.path.abspath(self.mktemp())
+        os.mkfifo(fifo)
+        e = self.assertRaises(TLSError, ReloadableServerTLS, cert, fifo)
+        self.assertIn(f"TLS key {fifo}: not a regular file", str(e))
+
+    def test_directory_and_device_refused(self) -> None:
+        """A directory or a character device (which would read forever) is not a certificate."""
+        for path in (os.path.abspath(os.path.dirname(self.mktemp()) or "."), "/dev/zero"):
+            e = self.assertRaises(TLSError, ReloadableServerTLS, path)
+            self.assertIn(f"{path}: not a regular file", str(e))
+
+    def test_oversized_file_refused(self) -> None:
+        """A certificate file over MAX_PEM_BYTES is refused without parsing it."""
+        cert = write(self, _cert_pem(SERVER_A[0]) + b"\n" * MAX_PEM_BYTES)
+        e = self.assertRaises(TLSError, ReloadableServerTLS, cert)
+        self.assertIn(f"{cert}: larger than", str(e))
+
     def test_bogus_cipher_string(self) -> None:
         """A cipher string that matches no cipher is a TLSError at construction."""
         cert, key = write_pair(self, SERVER_A)
@@ -300,14 +407,14 @@ class StartupTests(SynchronousTestCase):
 
     def test_ssl_only_without_tls_is_a_programming_error(self) -> None:
         """tls_factory refuses to serve plain when told ssl_only."""
-        self.assertRaises(ValueError, tls_factory, EchoFactory(), None, True)
+        self.assertRaises(ValueError, tls_factory, EchoFactory(), None, True, clock=Clock())
 
 
 class FirstByteDetectorTests(SynchronousTestCase):
     def setUp(self) -> None:
         cert, key = write_pair(self, SERVER_A)
         self.echo = EchoFactory()
-        self.factory = TLSOrPlainFactory(self.echo, ReloadableServerTLS(cert, key))
+        self.factory = TLSOrPlainFactory(self.echo, ReloadableServerTLS(cert, key), Clock())
 
     def test_lost_before_first_byte(self) -> None:
         """A connection that ends before any byte builds no inner protocol and raises nothing."""
@@ -448,6 +555,18 @@ class ReloadTests(ListenerMixin, TestCase):
         uninstall()
         self.assertIs(signal.getsignal(signal.SIGHUP), previous)
 
+    async def test_reload_from_fifo_keeps_old_cert(self) -> None:
+        """A key path replaced by a FIFO fails the reload at once (the reactor is not
+        stuck waiting for a writer): one error naming it, cert A still served."""
+        os.unlink(self.files[1])
+        os.mkfifo(self.files[1])
+        self.assertFalse(self.tls.reload())
+        errors = [e for e in self.events if e["log_level"].name == "error"]
+        self.assertEqual(len(errors), 1)
+        self.assertIn(f"{self.files[1]}: not a regular file", str(errors[0]["error"]))
+        client = await self.connect(self.port, trusting_ca())
+        self.assertEqual((await client.handshake)[0], fingerprint(SERVER_A[0]))
+
     async def test_bad_reload_keeps_old_cert(self) -> None:
         """A garbage key file fails the reload: an error is logged and cert A is still served."""
         write(self, b"garbage\n", self.files[1])
@@ -459,18 +578,72 @@ class ReloadTests(ListenerMixin, TestCase):
         self.assertEqual((await client.handshake)[0], fingerprint(SERVER_A[0]))
 
 
+class ALPNMixin(ListenerMixin):
+    """ALPN on an echo listener; subclasses set ssl_only (TLS only, or a shared port)."""
+
+    ssl_only: bool
+
+    def setUp(self) -> None:
+        self.tls = ReloadableServerTLS(*write_pair(self, SERVER_A))
+
+    async def negotiated(self: Any, port: int, offer: tuple[bytes, ...]) -> bytes | None:
+        """Connect offering `offer`; assert the handshake completes and data is echoed;
+        return the protocol the server selected (None: no ALPN)."""
+        client = await self.connect(port, trusting_ca(offer))
+        await client.handshake
+        self.assertEqual(await client.exchange(b"after handshake"), b"after handshake")
+        selected: bytes | None = client.transport.negotiatedProtocol
+        return selected
+
+    async def test_http_door_selects_http11_from_browser_list(self) -> None:
+        """A door naming http/1.1 selects it from a browser's h2,http/1.1, never h2."""
+        port = self.listen(self.tls, self.ssl_only, HTTP_ALPN)
+        self.assertEqual(await self.negotiated(port, BROWSER_ALPN), b"http/1.1")
+
+    async def test_no_overlap_goes_on_without_alpn(self) -> None:
+        """A client offering only h2 to an http/1.1 door: no ALPN, no abort."""
+        port = self.listen(self.tls, self.ssl_only, HTTP_ALPN)
+        self.assertIsNone(await self.negotiated(port, (b"h2",)))
+
+    async def test_door_without_protocols_ignores_offers(self) -> None:
+        """A door naming no protocols (XVP, raw serial) completes handshakes offering
+        h2,http/1.1 or foo, selecting nothing (before the fix: alert 80)."""
+        port = self.listen(self.tls, self.ssl_only)
+        self.assertIsNone(await self.negotiated(port, BROWSER_ALPN))
+        self.assertIsNone(await self.negotiated(port, (b"foo",)))
+
+    async def test_client_without_alpn(self) -> None:
+        """A client that offers no ALPN (the Java viewer, Python's default) is served."""
+        port = self.listen(self.tls, self.ssl_only, HTTP_ALPN)
+        self.assertIsNone(await self.negotiated(port, ()))
+
+    async def test_reloaded_certificate_keeps_alpn(self) -> None:
+        """After a reload (new options, new context) the rules hold: http/1.1 is
+        selected, and a non-overlapping list still completes on a protocol-less door."""
+        http_port = self.listen(self.tls, self.ssl_only, HTTP_ALPN)
+        bare_port = self.listen(self.tls, self.ssl_only)
+        write_pair(self, SERVER_B, at=(self.tls.cert_path, self.tls.key_path or ""))
+        self.assertTrue(self.tls.reload())
+        client = await self.connect(http_port, trusting_ca(BROWSER_ALPN))
+        self.assertEqual((await client.handshake)[0], fingerprint(SERVER_B[0]))
+        self.assertEqual(client.transport.negotiatedProtocol, b"http/1.1")
+        self.assertIsNone(await self.negotiated(bare_port, (b"h2",)))
+
+
+class ALPNTLSOnlyTests(ALPNMixin, TestCase):
+    ssl_only = True
+
+
+class ALPNSharedPortTests(ALPNMixin, TestCase):
+    ssl_only = False
+
+
 class FirstByteTimeoutTests(SynchronousTestCase):
     def test_silent_client_is_closed(self) -> None:
         """On a shared port a client that sends nothing is aborted after the timeout."""
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.task import Clock
-        from twisted.internet.testing import StringTransport
-
-        from consoled.tls import TLSOrPlainFactory
-
         clock = Clock()
         tls = ReloadableServerTLS(*write_pair(self, SERVER_A))
-        factory = TLSOrPlainFactory(EchoFactory(), tls, first_byte_timeout=5, clock=clock)
+        factory = TLSOrPlainFactory(EchoFactory(), tls, clock, first_byte_timeout=5)
         silent, talking = StringTransport(), StringTransport()
         protocols = []
         for transport in (silent, talking):
@@ -482,3 +655,158 @@ class FirstByteTimeoutTests(SynchronousTestCase):
         self.assertTrue(silent.disconnecting or getattr(silent, "aborting", False))
         self.assertFalse(getattr(talking, "aborting", False))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+# --- ALPN at the doors of a whole consoled --------------------------------------
+
+
+def tls_settings(testcase: SynchronousTestCase, ssl_only: bool) -> Settings:
+    """test_settings with TLS on every door: TLS only, or shared with plain."""
+    cert, key = write_pair(testcase, SERVER_A)
+    base = test_settings()
+    default = dataclasses.replace(base.default, ssl_only=ssl_only, cert=cert, key=key)
+    return dataclasses.replace(base, default=default)
+
+
+class DoorMixin:
+    """A consoled with TLS; `relay` and `exchange` drive one of its doors."""
+
+    timeout = 30
+    door: str
+    ssl_only = True
+
+    def setUp(self: Any) -> None:
+        self.consoled = Consoled(self, tls_settings(self, self.ssl_only))
+        self.port = self.consoled.port(self.door)
+
+    async def token_for_echo(self: Any, console_type: str) -> str:
+        """A token for console_type whose console echoes what it is sent."""
+        echo = hypervisors.serve(self, hypervisors.Echo)
+        issued = await self.consoled.authorize(console_type, "127.0.0.1", echo.port)
+        token: str = issued.token
+        return token
+
+    async def stdlib(self: Any, alpn: list[str], request: bytes, until: bytes) -> Any:
+        """stdlib_exchange with this door, in a thread; waits for sessions to end."""
+        result = await threads.deferToThread(stdlib_exchange, self.port, alpn, request, until)
+        await self.consoled.wait_sessions_ended()
+        return result
+
+
+class WebsocketDoorALPN(DoorMixin):
+    """A websocket door behind TLS, reached by clients offering ALPN as browsers do."""
+
+    console_type: str
+    page: str  # a path and the status it is answered with
+    status: bytes
+
+    async def test_wss_selects_http11(self) -> None:
+        """wss offering h2,http/1.1: http/1.1 is selected, the console's bytes go both ways."""
+        token = await self.token_for_echo(self.console_type)
+        client = await ws_connect(self.port, token, tls=trusting_ca(BROWSER_ALPN))
+        self.assertEqual(client.transport.negotiatedProtocol, b"http/1.1")
+        client.send(b"ping")
+        self.assertEqual(await client.read(4), b"ping")
+        client.sendClose(1000)
+        await client.closed
+        await self.consoled.wait_sessions_ended()
+
+    async def test_python_ssl_client_gets_a_page(self) -> None:
+        """Python's ssl offering h2,http/1.1: http/1.1 is selected and the page request
+        is answered."""
+        request = f"GET {self.page} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        selected, answer = await self.stdlib(["h2", "http/1.1"], request.encode(), b"\r\n\r\n")
+        self.assertEqual(selected, "http/1.1")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 " + self.status + b" "), answer[:80])
+
+    async def test_openssl_s_client(self) -> None:
+        """openssl s_client -alpn h2,http/1.1 (curl's and browsers' list): http/1.1 is
+        selected and the page request is answered."""
+        request = f"GET {self.page} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode()
+        output, code = await s_client(self, self.port, "h2,http/1.1", request)
+        self.assertIn(b"ALPN protocol: http/1.1", output)
+        self.assertIn(b"HTTP/1.0 " + self.status + b" ", output)
+        self.assertEqual(code, 0, output)
+
+
+class NoVNCDoorALPNTests(WebsocketDoorALPN, TestCase):
+    door, console_type, page, status = "novnc", "novnc", "/", b"404"  # no directory listings
+
+
+class SpiceDoorALPNTests(WebsocketDoorALPN, TestCase):
+    door, console_type, page, status = "spice", "spice-html5", "/", b"404"
+
+
+class SerialDoorALPNTests(WebsocketDoorALPN, TestCase):
+    door, console_type, page, status = "serial", "serial", "/serial.html", b"200"
+
+
+class XVPDoorALPNTests(DoorMixin, TestCase):
+    """The XVP door speaks no ALPN protocol: an offer that does not overlap is ignored."""
+
+    door = "xvp"
+
+    async def test_python_ssl_h2_only_connect(self) -> None:
+        """Python's ssl offering only h2: no ALPN, and a CONNECT reaches the console."""
+        token = await self.token_for_echo("xvpvnc")
+        request = java_request(token) + b"ping"
+        selected, answer = await self.stdlib(["h2"], request, b"\r\n\r\nping")
+        self.assertIsNone(selected)
+        self.assertEqual(answer, b"HTTP/1.1 200 OK\r\n\r\nping")
+
+    async def test_openssl_s_client_foo(self) -> None:
+        """openssl s_client -alpn foo: handshake completes with no ALPN; a CONNECT with
+        an unknown token gets its 401 answer."""
+        request = b"CONNECT /console?token=nope HTTP/1.0\r\n\r\n"
+        output, code = await s_client(self, self.port, "foo", request)
+        self.assertIn(b"No ALPN negotiated", output)
+        self.assertIn(b"HTTP/1.1 401 ", output)
+        self.assertEqual(code, 0, output)
+
+
+class SerialTCPDoorALPNTests(DoorMixin, TestCase):
+    """The raw serial door (TLS with ssl_only) ignores ALPN; its prompt arrives."""
+
+    door = "serial-tcp"
+
+    async def test_python_ssl_browser_list_gets_prompt(self) -> None:
+        """Python's ssl offering h2,http/1.1: no ALPN, the token prompt arrives."""
+        selected, received = await self.stdlib(["h2", "http/1.1"], b"", PROMPT)
+        self.assertIsNone(selected)
+        self.assertTrue(received.endswith(PROMPT), received)
+
+    async def test_openssl_s_client_gets_prompt(self) -> None:
+        """openssl s_client -alpn h2,http/1.1: no ALPN, the prompt arrives, Ctrl-D leaves."""
+        output, code = await s_client(self, self.port, "h2,http/1.1", b"\x04")
+        self.assertIn(b"No ALPN negotiated", output)
+        self.assertIn(PROMPT, output)
+        self.assertEqual(code, 0, output)
+
+
+class SharedPortDoorALPNTests(DoorMixin, TestCase):
+    """ssl_only false with a certificate: the first byte decides, ALPN as with TLS only."""
+
+    door = "novnc"
+    ssl_only = False
+
+    async def test_websocket_door_selects_http11(self) -> None:
+        """On a shared port wss offering h2,http/1.1 gets http/1.1; plain HTTP still works."""
+        token = await self.token_for_echo("novnc")
+        client = await ws_connect(self.port, token, tls=trusting_ca(BROWSER_ALPN))
+        self.assertEqual(client.transport.negotiatedProtocol, b"http/1.1")
+        client.send(b"ping")
+        self.assertEqual(await client.read(4), b"ping")
+        client.sendClose(1000)
+        await client.closed
+        plain = await ws_connect(self.port, token)
+        plain.sendClose(1000)
+        await plain.closed
+        await self.consoled.wait_sessions_ended()
+
+    async def test_xvp_door_h2_only(self) -> None:
+        """On a shared port the XVP door completes a handshake offering only h2."""
+        self.port = self.consoled.port("xvp")
+        token = await self.token_for_echo("xvpvnc")
+        selected, answer = await self.stdlib(["h2"], java_request(token) + b"ping", b"ping")
+        self.assertIsNone(selected)
+        self.assertEqual(answer, b"HTTP/1.1 200 OK\r\n\r\nping")

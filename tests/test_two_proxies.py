@@ -22,9 +22,9 @@ from consoled.store import Store, schema
 from consoled.store.engine import make_engine
 from consoled.store.runner import InlineRunner
 from tests import hypervisors
-from tests.daemon import CHECKOUT, ENV, Twistd, start_consoled, write_config
+from tests.daemon import CHECKOUT, ENV, Twistd, start_consoled_on_free_ports
 from tests.databases import fresh_database
-from tests.peers import free_port, start_qemu_monitor
+from tests.peers import start_qemu_monitor
 from tests.wsclient import StreamClient, http_request, upgrade_request, ws_connect
 
 INSTANCE = "9b2c4f0e-3d1a-4c5b-8e7f-0a1b2c3d4e5f"
@@ -72,18 +72,23 @@ class TwoProxiesMixin:
 
     @defer.inlineCallbacks
     def start_proxy(self, name: str, url: str) -> Any:
-        serial_port = free_port()
-        config = write_config(
-            self,
-            f"[database]\nconnection = {url}\n"
-            f"[vnc]\nnovncproxy_host = 127.0.0.1\nnovncproxy_port = {free_port()}\n"
-            "[serial_console]\nenabled = true\nserialproxy_host = 127.0.0.1\n"
-            f"serialproxy_port = {serial_port}\n"
-            f"[consoled]\nproxy_name = {name}\nxvp_enabled = false\n"
-            f"touch_interval = {TOUCH_INTERVAL}\nlease_seconds = {LEASE_SECONDS}\n"
-            "token_clean_interval = 3600\n",
+        """Start proxy ``name`` on ports of its own (new ones if another process took one)."""
+
+        def config_text(ports: list[int]) -> str:
+            novnc_port, serial_port = ports
+            return (
+                f"[database]\nconnection = {url}\n"
+                f"[vnc]\nnovncproxy_host = 127.0.0.1\nnovncproxy_port = {novnc_port}\n"
+                "[serial_console]\nenabled = true\nserialproxy_host = 127.0.0.1\n"
+                f"serialproxy_port = {serial_port}\n"
+                f"[consoled]\nproxy_name = {name}\nxvp_enabled = false\n"
+                f"touch_interval = {TOUCH_INTERVAL}\nlease_seconds = {LEASE_SECONDS}\n"
+                "token_clean_interval = 3600\n"
+            )
+
+        process, config, (_, serial_port) = yield start_consoled_on_free_ports(
+            self, 2, config_text
         )
-        process = yield start_consoled(self, config)
         return Proxy(name, config, serial_port, process)
 
     @defer.inlineCallbacks

@@ -21,8 +21,8 @@ UPGRADE = (
 class DoorProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        door = Door("novnc", None, None)  # type: ignore[arg-type]
-        websocket = ConsoleServerFactory(door, ping_interval=0, handshake_timeout=0)
+        door = Door("novnc", None)  # type: ignore[arg-type]
+        websocket = ConsoleServerFactory(door, ping_interval=0)
         self.factory = DoorFactory(
             door_site(None, timeout=None),  # type: ignore[arg-type]
             websocket,

@@ -150,20 +150,32 @@ class RefusalTests(TestCase):
 
     @defer.inlineCallbacks
     def test_missing_unknown_expired(self) -> Any:
-        """No token, an unknown token and an expired one are all 401."""
+        """No token, an unknown token and an expired one are all 401, with an empty body."""
         issued = yield self.consoled.authorize("novnc", "127.0.0.1", 1, ttl=-1)
         for target in ("/", "/?token=0b1c", f"/?token={issued.token}"):
-            status, body = yield self.status_of(target)
+            status, headers, body = yield http_request(self.port, upgrade_request(target))
             self.assertEqual(status, 401, target)
-            self.assertTrue(body.endswith(b"\n") and len(body) < 100, body)
+            self.assertEqual((headers[b"content-length"], body), (b"0", b""))
+
+    @defer.inlineCallbacks
+    def test_explained_refusal(self) -> Any:
+        """Asked with ``explain``, a refusal is the upgrade and then its close code and reason."""
+        issued = yield self.consoled.authorize("spice-html5", "127.0.0.1", 1)
+        for token, code, reason in (
+            ("0b1c", 4401, "invalid or expired token"),
+            (issued.token, 4403, "token is for another console type"),
+        ):
+            client = yield ws_connect(self.port, token, explain=True)
+            closed_code, closed_reason = yield client.closed
+            self.assertEqual(closed_code, code)
+            self.assertIn(reason, closed_reason)
 
     @defer.inlineCallbacks
     def test_wrong_console_type(self) -> Any:
         """A spice token at the noVNC door is 403."""
         issued = yield self.consoled.authorize("spice-html5", "127.0.0.1", 1)
         status, body = yield self.status_of(f"/?token={issued.token}")
-        self.assertEqual(status, 403)
-        self.assertIn(b"another console type", body)
+        self.assertEqual((status, body), (403, b""))
 
     @defer.inlineCallbacks
     def test_origin(self) -> Any:

@@ -20,7 +20,6 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from consoled.frontends.websocket import MAX_MESSAGE, ConsoleServerFactory, Door, _unmask
-from consoled.tokens import ConnectInfo
 from tests.test_policy import INFO as POLICY_INFO
 
 INFO = POLICY_INFO  # a novnc token's row
@@ -32,9 +31,6 @@ UPGRADE = (
 )
 
 
-class _Authorizer:
-    def validate(self, token: str | None) -> defer.Deferred[ConnectInfo]:
-        return defer.succeed(INFO)
 
 
 class _Relay:
@@ -49,11 +45,19 @@ class _Relay:
         self.lost.append(detail)
 
 
-class _Sessions:
+class _Gate:
+    """Admits every token to INFO; its one pass starts the one relay."""
+
     def __init__(self) -> None:
         self.relay = _Relay()
 
-    def start(self, *args: Any) -> _Relay:
+    def client_address(self, facts: Any) -> str:
+        return str(facts.peer)
+
+    def admit(self, door: str, token: str | None, facts: Any) -> defer.Deferred[Any]:
+        return defer.succeed(self)
+
+    def start(self, client: Any) -> _Relay:
         return self.relay
 
 
@@ -89,9 +93,9 @@ def server_frames(data: bytes) -> list[tuple[int, bytes]]:
 
 
 def open_session() -> tuple[Any, StringTransport, _Relay]:
-    sessions = _Sessions()
-    door = Door("novnc", _Authorizer(), sessions)  # type: ignore[arg-type]
-    factory = ConsoleServerFactory(door, ping_interval=0, handshake_timeout=0)
+    gate = _Gate()
+    door = Door("novnc", gate)  # type: ignore[arg-type]
+    factory = ConsoleServerFactory(door, ping_interval=0)
     factory.setProtocolOptions(closeHandshakeTimeout=0)
     protocol = factory.buildProtocol(None)
     transport = StringTransport()
@@ -99,7 +103,7 @@ def open_session() -> tuple[Any, StringTransport, _Relay]:
     protocol.dataReceived(UPGRADE)
     assert transport.value().startswith(b"HTTP/1.1 101"), transport.value()
     transport.registerProducer(object(), True)  # the relay's, in a real session
-    return protocol, transport, sessions.relay
+    return protocol, transport, gate.relay
 
 
 def feed(protocol: Any, stream: bytes, cuts: list[int]) -> None:

@@ -172,8 +172,8 @@ class RefusalTests(TestCase):
         spice = yield self.consoled.authorize("spice-html5", "127.0.0.1", 1)
         cases = [
             (b"CONNECT\r\n\r\n", 400),
-            (b"CONNECT /console HTTP/1.0\r\n\r\n", 400),
-            (b"CONNECT 10.0.0.1:5900 HTTP/1.1\r\nHost: 10.0.0.1:5900\r\n\r\n", 400),
+            (b"CONNECT /console HTTP/1.0\r\n\r\n", 401),
+            (b"CONNECT 10.0.0.1:5900 HTTP/1.1\r\nHost: 10.0.0.1:5900\r\n\r\n", 401),
             (b"CONNECT /console?token=x HTTP/2.0\r\n\r\n", 400),
             (b"CONNECT /console?token=x HTTP/1.0\r\nno colon here\r\n\r\n", 400),
             (b"GET /console?token=x HTTP/1.1\r\n\r\n", 405),

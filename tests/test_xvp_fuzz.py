@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from consoled.frontends.xvp import XVPFactory
 from tests.inline import InlineCore
 
-ANSWERS = {200, 400, 401, 403, 405, 408, 431, 502, 503}
+STATUSES = {200, 400, 401, 403, 405, 408, 431, 502, 503, 504}
 TOKEN = "TOKEN"  # replaced by a real, valid token in each example
 
 
@@ -75,7 +75,7 @@ class XVPPropertyTests(SynchronousTestCase):
             self.core.sessions,
             self.core.token,
         )
-        self.factory = XVPFactory(self.core.authorizer, self.sessions, self.reactor, 15)
+        self.factory = XVPFactory(self.core.gate, self.reactor, 15)
 
     def open_rows(self) -> int:
         return self.core.left_behind()[0]
@@ -98,7 +98,7 @@ class XVPPropertyTests(SynchronousTestCase):
         if output:
             self.assertTrue(output.startswith(b"HTTP/1.1 "), output[:80])
             status = int(output[9:12])
-            self.assertIn(status, ANSWERS, output[:80])
+            self.assertIn(status, STATUSES, output[:80])
             if status != 200:
                 self.assertTrue(transport.disconnecting, output[:80])
                 self.assertTrue(output.endswith(b"\n"))
@@ -118,7 +118,7 @@ class XVPPropertyTests(SynchronousTestCase):
             protocol.dataReceived(bytes([byte]))
         self.assertEqual(len(self.reactor.tcpClients), 1)
         self.assertEqual(self.reactor.tcpClients[-1][:2], ("127.0.0.1", 5900))
-        self.reactor.advance(6)  # connect timeout: 502 before any 200
-        self.assertTrue(transport.value().startswith(b"HTTP/1.1 502 "), transport.value())
+        self.reactor.advance(6)  # connect timeout: 504 before any 200
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 504 "), transport.value())
         protocol.connectionLost(Failure(ConnectionError("gone")))
         self.assertEqual(self.open_rows(), 0)

@@ -95,10 +95,17 @@ def ws_connect(
     protocols: tuple[str, ...] = ("binary",),
     headers: dict[str, str] | None = None,
     tls: Any = None,
+    explain: bool = False,
 ) -> defer.Deferred[StreamClient]:
-    """Open a websocket to a door (wss with ``tls`` client options); fires once open."""
+    """Open a websocket to a door (wss with ``tls`` client options); fires once open.
+
+    ``explain`` asks for a refusal as a close code and reason after the
+    upgrade, as consoled's serial page does.
+    """
     scheme = "wss" if tls is not None else "ws"
     url = f"{scheme}://{HOST}:{port}{path}" + (f"?token={token}" if token else "")
+    if explain:
+        url += "&explain=1" if token else "?explain=1"
     factory = WebSocketClientFactory(
         url, origin=origin, protocols=list(protocols) or None, headers=headers
     )

@@ -23,3 +23,12 @@ def plain_response(code: int, text: str) -> bytes:
         "Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def empty_response(code: int) -> bytes:
+    """A refused websocket upgrade: a status line and no body, then the connection closes."""
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = "Error"
+    return f"HTTP/1.1 {code} {phrase}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()

@@ -14,8 +14,10 @@ and speaks telnet for good; any other client is raw, its bytes untouched.
 Last lines: a refusal's text (3 tries), ``too many tries, goodbye``, ``no
 token within Ns, goodbye``, ``console unavailable: ENDING`` before the
 session starts, ``[ENDING]`` after it, ``disconnected`` after the escape.
-States: ``prompting``, ``admitting`` (token check, then the session layer
-connecting), ``relaying`` (or ``watching``: a spectator of a busy port), ``closed``.
+States: ``prompting``, ``admitting`` (the gate: consoled/gate.py), then
+``relaying`` (a writer, or a spectator seat of a busy port, whose keys the
+session drops), ``closed``.  Refusals are the gate's, printed as their kind's
+text (docs/refusals.md).
 """
 
 from __future__ import annotations
@@ -24,17 +26,15 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from consoled.authorizer import MAX_TOKEN_LENGTH, Authorizer, log_refusal
 from consoled.endings import Ending, Kind, Refusal
-from consoled.policy import check_console_type
-from consoled.relay import Relay, write_now
-from consoled.sessions import Sessions
-from consoled.tokens import ConnectInfo
+from consoled.gate import MAX_TOKEN_LENGTH, Endpoint, Facts, Gate, Pass, log_refusal
+from consoled.relay import write_now
 
 log = Logger()
 
@@ -153,8 +153,11 @@ class SerialTCPProtocol(Protocol):
 
     factory: SerialTCPFactory
     state = "prompting"
-    relay: Relay | None = None
-    info: ConnectInfo | None = None
+    relay: Endpoint | None = None
+    #: the gate's answer being awaited (cancelled if the user leaves meanwhile)
+    _admitting: defer.Deferred[Pass] | None = None
+    #: the admitted session (it answers the escape ``w``)
+    _pass: Pass | None = None
 
     def connectionMade(self) -> None:
         self.client_address = getattr(self.transport.getPeer(), "host", "?")
@@ -173,7 +176,6 @@ class SerialTCPProtocol(Protocol):
         self._early_size = 0
         self._ready = False
         self._escaped = False
-        self._stop_watching: Callable[[], Any] | None = None
         self._deadline: IDelayedCall | None = self.factory.clock.callLater(
             self.factory.prompt_timeout, self._timed_out
         )
@@ -208,7 +210,7 @@ class SerialTCPProtocol(Protocol):
                 data = data[1:]
         if not data or self.state == "closed":
             return
-        if self.relay is not None or self.state == "watching":
+        if self.relay is not None:
             self._relay_input(data)
         else:
             self._early.append(data)
@@ -253,7 +255,9 @@ class SerialTCPProtocol(Protocol):
         self.transport.write(b"\r\n")  # the only echo: the token is a secret
         token = line.decode("utf-8", "replace").strip()
         if too_long:
-            self._refused(Refusal(Kind.BAD_REQUEST, "token too long"), "token too long")
+            refusal = Refusal(Kind.BAD_REQUEST, "token too long")
+            log_refusal(DOOR, self.client_address, refusal)
+            self._refused(refusal)
         elif not token:
             self.transport.write(PROMPT)
         else:
@@ -261,25 +265,23 @@ class SerialTCPProtocol(Protocol):
             self._check(token)
 
     def _check(self, token: str) -> None:
-        def admitted(info: ConnectInfo) -> None:
-            check_console_type(info, DOOR)
-            if self.state == "admitting" and self.relay is None:
-                self._start(info)
+        self._admitting = self.factory.gate.admit(DOOR, token, Facts(peer=self.client_address))
+        self._admitting.addCallbacks(self._admitted, self._refused_by_gate)
 
-        def refused(failure: Failure) -> None:
-            if not failure.check(Refusal):
-                log.failure("serial-tcp admission failed", failure)
-                failure = Failure(Refusal(Kind.INTERNAL))
-            if self.state == "admitting" and self.relay is None:
-                self._refused(failure.value)
-            else:  # the user left, or the deadline passed, during the check
-                log_refusal(DOOR, self.client_address, failure.value)
+    def _admitted(self, admitted: Pass) -> None:
+        self._admitting = None
+        self._pass = admitted
+        self._cancel_deadline()  # the session's connect timeout takes over
+        self.relay = admitted.start(self)
+        self._replay_early()  # the relay pauses reading again until the console is up
 
-        self.factory.authorizer.validate(token).addCallback(admitted).addErrback(refused)
+    def _refused_by_gate(self, failure: Failure) -> None:
+        self._admitting = None
+        if failure.check(Refusal):  # else cancelled: the user left, or the deadline passed
+            self._refused(failure.value)
 
-    def _refused(self, refusal: Refusal, text: str | None = None) -> None:
-        log_refusal(DOOR, self.client_address, refusal)
-        text = text or str(refusal.ending)
+    def _refused(self, refusal: Refusal) -> None:
+        text = str(refusal.ending)
         if refusal.ending.kind not in RETRY:
             self._goodbye(text)
             return
@@ -292,17 +294,13 @@ class SerialTCPProtocol(Protocol):
         self._replay_early()  # what was typed meanwhile is the next try
 
     def _timed_out(self) -> None:
+        """No token admitted within the prompt timeout (typed too late, or never)."""
         self._deadline = None
-        seconds = f"{self.factory.prompt_timeout:g}s"
-        if self.state == "prompting":
-            refusal, text = Refusal(Kind.NO_TOKEN, f"none within {seconds}"), "no token"
-        elif self.state == "admitting" and self.relay is None:
-            refusal = Refusal(Kind.STORE_UNAVAILABLE, f"no answer within {seconds}")
-            text = "token not checked"
-        else:
+        if self.relay is not None:
             return
-        log_refusal(DOOR, self.client_address, refusal)
-        self._goodbye(f"{text} within {seconds}, goodbye")
+        seconds = f"{self.factory.prompt_timeout:g}s"
+        log_refusal(DOOR, self.client_address, Refusal(Kind.NO_TOKEN, f"none within {seconds}"))
+        self._goodbye(f"no token within {seconds}, goodbye")
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -315,23 +313,12 @@ class SerialTCPProtocol(Protocol):
             return
         self.state = "closed"
         self._cancel_deadline()
+        if self._admitting is not None:
+            self._admitting.cancel()
         self.transport.write(text.encode("utf-8") + b"\r\n")
         self.transport.loseConnection()
 
     # -- the session --------------------------------------------------------
-
-    def _start(self, info: ConnectInfo) -> None:
-        self.info = info
-        self._cancel_deadline()  # the session layer's connect timeout takes over
-        try:
-            relay = self.factory.sessions.start(info, DOOR, self.client_address, self)
-            if isinstance(relay, Refusal):
-                raise relay
-        except Refusal as refusal:
-            self._unavailable(refusal.ending)
-            return
-        self.relay = relay
-        self._replay_early()  # the relay pauses reading again until the console is up
 
     def _relay_input(self, data: bytes) -> None:
         """The escape, Ctrl-] and one more byte, even across chunks; the rest goes on."""
@@ -364,7 +351,8 @@ class SerialTCPProtocol(Protocol):
                 self.relay.client_lost("escape")
             return False
         if byte == ord("w"):
-            self.transport.write(f"\r\n{self.factory.who()}\r\n".encode())
+            who = self._pass.who() if self._pass is not None else "nobody"
+            self.transport.write(f"\r\n{who}\r\n".encode())
         elif byte == ord("?"):
             self.transport.write(HELP.format(proxy=self.factory.proxy_name).encode())
         else:
@@ -372,31 +360,17 @@ class SerialTCPProtocol(Protocol):
         return True
 
     def _forward(self, data: bytes) -> None:
-        if data and self.state != "watching" and self.relay is not None:
+        if data and self.relay is not None:
             self.relay.from_client(data)
-
-    def _unavailable(self, ending: Ending) -> None:
-        """Refused by the session layer; a busy port may make a spectator."""
-        watch = getattr(self.factory, "watch", None)
-        if ending.kind is Kind.PORT_BUSY and self.info is not None:
-            refusal = Refusal(ending.kind, ending.detail, self.info.hash_prefix)
-            log_refusal(DOOR, self.client_address, refusal)
-            if self.factory.spectators and watch is not None:
-                self.state = "watching"
-                self.transport.write(f"{ending}; watching, read-only\r\n".encode())
-                self.transport.resumeProducing()
-                self._stop_watching = watch(self.info, self)
-                return
-        self._goodbye(f"console unavailable: {ending}")
 
     # -- ClientSide, for the relay (consumer and producer: the transport) ---
 
     def ready(self) -> None:
-        assert self.info is not None
+        assert self._pass is not None
         self._ready = True
         self.state = "relaying"
         self.transport.write(
-            f"connected to the serial console of instance {self.info.instance_uuid}; "
+            f"connected to the serial console of instance {self._pass.info.instance_uuid}; "
             "escape is Ctrl-] (then ? for help)\r\n".encode()
         )
         self.transport.resumeProducing()
@@ -407,59 +381,31 @@ class SerialTCPProtocol(Protocol):
         )
 
     def close(self, ending: Ending) -> None:
-        if self._ready or self.state == "watching":
+        if self._ready:
             self._goodbye(f"\r\n[{ending}]")
-        elif self.state != "closed":
-            self._unavailable(ending)
+        else:
+            self._goodbye(f"console unavailable: {ending}")
 
     def rebind(self, endpoint: Any) -> None:
-        """A takeover: become the writer of ``endpoint`` (a Relay), or watch it."""
-        if isinstance(endpoint, Relay):
-            self.relay, self.state, self._ready = endpoint, "relaying", True
-            self._stop_watching = None
-        else:
-            self.relay, self.state = None, "watching"
-            self._stop_watching = endpoint.client_lost
+        """A takeover: the user's bytes go to ``endpoint`` now (the relay, or a seat)."""
+        self.relay = endpoint
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         previous, self.state = self.state, "closed"
         self._cancel_deadline()
-        stop, self._stop_watching = self._stop_watching, None
-        if stop is not None:
-            stop()
+        if self._admitting is not None:
+            self._admitting.cancel()  # the gate gives back what it took meanwhile
         if self.relay is not None:
             self.relay.client_lost("connection lost" if previous != "closed" else "")
 
 
 class SerialTCPFactory(Factory):
-    """The door's settings and collaborators.
-
-    Spectators are a hook only: with ``spectators`` on and a ``watch(info,
-    protocol)`` attribute (returning a callable that stops watching, or None),
-    a user refused with PORT_BUSY stays, ``watching``: give it console output
-    with ``protocol.send``, end it with ``protocol.close(ending)``; its input
-    is dropped but for the escape commands.
-    """
+    """The door's settings and its gate."""
 
     protocol = SerialTCPProtocol
 
-    def __init__(
-        self,
-        authorizer: Authorizer,
-        sessions: Sessions,
-        clock: Any,
-        prompt_timeout: float,
-        proxy_name: str,
-        *,
-        spectators: bool = False,
-    ) -> None:
-        self.authorizer = authorizer
-        self.sessions = sessions
+    def __init__(self, gate: Gate, clock: Any, prompt_timeout: float, proxy_name: str) -> None:
+        self.gate = gate
         self.clock = clock
         self.prompt_timeout = prompt_timeout
         self.proxy_name = proxy_name
-        self.spectators = spectators
-
-    def who(self) -> str:
-        """The answer to the escape command ``w``; replace it to list real users."""
-        return "you are the only user of this port"

@@ -12,13 +12,14 @@ The exchange (docs/xvp.md has the whole of it)::
 
 Bytes the client sends after the blank line, before the answer, are kept
 and forwarded first, in order.  Refusals are a status line, a short
-plain-text body, then close:
-
-    400 malformed request line, or no token     405 a method other than CONNECT
-    401 unknown or expired token                 403 a token of another console type
-    408 request not complete in time             431 request head over 8 KiB
-    502 hypervisor unreachable, or its internal_access_path CONNECT not 200
-    503 token store unreachable, or consoled shutting down
+plain-text body, then close.  The door's own: 400 malformed request line or
+header, 405 a method other than CONNECT, 408 request not complete in time,
+431 request head over 8 KiB.  Everything else is the gate's
+(consoled/gate.py), with the HTTP status of its kind in
+``consoled.endings.ANSWERS`` (docs/refusals.md): 401 no, unknown or expired
+token, 403 a token of another console type, 502 or 504 hypervisor
+unreachable or slow (or its internal_access_path CONNECT not 200), 503 token
+store unreachable or slow, or consoled shutting down.
 
 The protocol is a small state machine: ``reading`` the request head,
 ``admitting`` (token, policy, hypervisor), ``relaying``, ``closed``.
@@ -29,18 +30,16 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from consoled.authorizer import Authorizer, log_refusal
-from consoled.endings import Ending, Kind, Refusal
+from consoled.endings import ANSWERS, Ending, Refusal
 from consoled.frontends.answers import plain_response
-from consoled.policy import check_console_type
-from consoled.relay import Relay, TransportClientSide, write_now
-from consoled.sessions import Sessions
-from consoled.tokens import ConnectInfo
+from consoled.gate import Endpoint, Facts, Gate, Pass
+from consoled.relay import TransportClientSide, write_now
 
 log = Logger()
 
@@ -50,20 +49,6 @@ MAX_HEAD = 8 * 1024
 #: Bytes the client may send ahead of the 200 answer before reading pauses.
 MAX_EARLY = 64 * 1024
 
-STATUS = {
-    Kind.BAD_REQUEST: 400,
-    Kind.NO_TOKEN: 400,
-    Kind.INVALID_TOKEN: 401,
-    Kind.WRONG_CONSOLE_TYPE: 403,
-    Kind.STORE_UNAVAILABLE: 503,
-    Kind.SHUTDOWN: 503,
-    Kind.BACKEND_UNREACHABLE: 502,
-    Kind.BACKEND_REFUSED: 502,
-    Kind.BACKEND_TIMEOUT: 502,
-    Kind.PORT_BUSY: 409,
-    Kind.INTERNAL: 500,
-}
-
 OK = b"HTTP/1.1 200 OK\r\n\r\n"
 
 
@@ -72,7 +57,8 @@ class XVPProtocol(TransportClientSide, Protocol):
 
     factory: XVPFactory
     state = "reading"
-    relay: Relay | None = None
+    relay: Endpoint | None = None
+    _admitting: defer.Deferred[Pass] | None = None
 
     def connectionMade(self) -> None:
         self._head = b""
@@ -136,10 +122,7 @@ class XVPProtocol(TransportClientSide, Protocol):
             if not colon or not name.strip() or name != name.strip():
                 raise _Answer(400, "malformed header line")
         query = urlsplit(target).query if target.startswith("/") else ""
-        token = (parse_qs(query).get("token") or [""])[0]
-        if not token:
-            raise _Answer(400, "no token in the request target")
-        return token
+        return (parse_qs(query).get("token") or [""])[0]  # none: the gate says so
 
     def _hold(self, data: bytes) -> None:
         """Keep what the viewer sends before the answer; pause past a bound."""
@@ -151,26 +134,21 @@ class XVPProtocol(TransportClientSide, Protocol):
     # -- admission ---------------------------------------------------------
 
     def _admit(self, token: str) -> None:
-        def admitted(info: ConnectInfo) -> None:
-            check_console_type(info, "xvp")
-            if self.state != "admitting":
-                return  # the viewer left while the token was checked
-            self.relay = self.factory.sessions.start(info, "xvp", self.client_address, self)
-            early, self._early = self._early, []
-            for chunk in early:
-                self.relay.from_client(chunk)
+        self._admitting = self.factory.gate.admit("xvp", token, Facts(peer=self.client_address))
+        self._admitting.addCallbacks(self._admitted, self._refused)
 
-        def refused(failure: Failure) -> None:
-            if not failure.check(Refusal):
-                log.failure("XVP admission failed", failure)
-                failure = Failure(Refusal(Kind.INTERNAL))
-            refusal = failure.value
-            log_refusal("xvp", self.client_address, refusal)
-            kind = refusal.ending.kind
-            self._answer(STATUS.get(kind, 400), str(refusal.ending), None)
+    def _admitted(self, admitted: Pass) -> None:
+        self._admitting = None
+        self.relay = admitted.start(self)
+        early, self._early = self._early, []
+        for chunk in early:
+            self.relay.from_client(chunk)
 
-        d = self.factory.authorizer.validate(token).addCallback(admitted)
-        d.addErrback(refused)
+    def _refused(self, failure: Failure) -> None:
+        self._admitting = None
+        if failure.check(Refusal):  # else cancelled: the viewer left
+            ending = failure.value.ending
+            self._answer(ANSWERS[ending.kind].http, str(ending), None)
 
     def _answer(self, code: int, text: str, log_reason: str | None) -> None:
         """A status line and a short body, then close; logged unless already logged."""
@@ -212,11 +190,13 @@ class XVPProtocol(TransportClientSide, Protocol):
             self.state = "closed"
             self.transport.loseConnection()
         else:
-            self._answer(STATUS.get(ending.kind, 502), str(ending), None)
+            self._answer(ANSWERS[ending.kind].http, str(ending), None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         previous, self.state = self.state, "closed"
         self._cancel_deadline()
+        if self._admitting is not None:
+            self._admitting.cancel()  # the gate gives back what it took meanwhile
         if self.relay is not None:
             self.relay.client_lost("connection lost" if previous != "closed" else "")
 
@@ -230,10 +210,7 @@ class _Answer(Exception):
 class XVPFactory(Factory):
     protocol = XVPProtocol
 
-    def __init__(
-        self, authorizer: Authorizer, sessions: Sessions, clock: Any, request_timeout: float
-    ) -> None:
-        self.authorizer = authorizer
-        self.sessions = sessions
+    def __init__(self, gate: Gate, clock: Any, request_timeout: float) -> None:
+        self.gate = gate
         self.clock = clock
         self.request_timeout = request_timeout

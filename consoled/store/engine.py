@@ -20,6 +20,18 @@ _DRIVERS = {
 }
 
 
+#: Seconds one connection attempt to PostgreSQL or MariaDB may take.  Without
+#: it a blackholed address holds start-up (and every pool refill) for the
+#: kernel's SYN retries, about two minutes.  A ``connect_timeout`` in the
+#: URL's query (``...?connect_timeout=15``) wins.
+CONNECT_TIMEOUT = 5
+
+# Drivers whose connect() takes ``connect_timeout`` in seconds.  psycopg
+# bounds the whole connection (TCP, TLS, start-up); PyMySQL bounds the TCP
+# connect only (its ``read_timeout``, off by default, bounds the greeting).
+_TIMEOUT_DRIVERS = {"psycopg", "pymysql"}
+
+
 def default_url(state_path: str | None = None) -> str:
     path = os.path.join(state_path, "consoled.sqlite") if state_path else DEFAULT_SQLITE_PATH
     return f"sqlite:///{os.path.abspath(path)}"
@@ -45,8 +57,12 @@ def make_engine(url: str, pool_size: int = 4, recycle: int = 3600) -> sa.Engine:
         engine = sa.create_engine(parsed, connect_args={"timeout": 30}, hide_parameters=True)
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    connect_args: dict[str, Any] = {}
+    if parsed.get_driver_name() in _TIMEOUT_DRIVERS and "connect_timeout" not in parsed.query:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT
     return sa.create_engine(
         parsed,
+        connect_args=connect_args,
         pool_size=pool_size,
         max_overflow=0,
         pool_pre_ping=True,

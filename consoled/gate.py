@@ -1,0 +1,276 @@
+"""The gate: every door's one path from a token to a started session or a refusal.
+
+::
+
+    door ─► Gate.admit(door, token, facts) ─► Deferred[Pass], or a Refusal
+              1. the token: present, printable, not absurdly long; hashed once
+              2. its row: one store look-up (a thread hop)
+              3. the console type fits the door
+              4. the Origin (browsers send one; other clients pass)
+              5. a serial console: the writer's lease, else a spectator's seat
+              all of it within ``timeout``, or STORE_UNAVAILABLE
+    door ─► Pass.start(client) ─► the Endpoint that takes the client's bytes
+              (a Relay to the backend connector the row chose, or a Spectator)
+
+A door pulls the token out of its wire, says what it knows of the client
+(:class:`Facts`), and renders the outcome with :data:`consoled.endings.ANSWERS`.
+Nothing here knows which door it serves but by name.  A door whose client
+leaves while admission is under way cancels the Deferred; what the gate took
+meanwhile (a session row, a lease) is given back when it arrives, and no timer
+is left behind.  Every refusal is logged here, once, with the first 8 hex of
+the token's hash and never the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from consoled.backends import Connector, connector_for
+from consoled.endings import Ending, Kind, Refusal
+from consoled.policy import Network, check_console_type, check_origin, is_trusted
+from consoled.relay import ClientSide
+from consoled.sessions import LEASED_TYPES, Admission, Sessions
+from consoled.store import Store
+from consoled.tokens import ConnectInfo, hash_prefix, hash_token
+
+log = Logger()
+
+#: Longer than any token nova or consoled issues; longer input is not looked up.
+MAX_TOKEN_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What a door knows of its client besides the token (headers only from HTTP doors)."""
+
+    peer: str
+    origin: str | None = None
+    host: str | None = None
+    forwarded_for: str | None = None
+    forwarded_proto: str | None = None
+
+
+class Endpoint(Protocol):
+    """Where a door sends its client's bytes once a session started: a writer's
+    Relay or a Spectator (whose bytes are dropped); both end the same way."""
+
+    def from_client(self, data: bytes) -> None: ...
+
+    def client_lost(self, detail: str = "") -> None: ...
+
+
+class _Closed:
+    """The Endpoint of a session that ended as it started (a seat whose writer left)."""
+
+    def from_client(self, data: bytes) -> None:
+        pass
+
+    def client_lost(self, detail: str = "") -> None:
+        pass
+
+
+def row_door(door: str) -> str:
+    """The door as session rows and log lines name it."""
+    return door if door in ("xvp", "serial-tcp") else f"websocket/{door}"
+
+
+class Pass:
+    """An admitted connection, not yet started: its row, lease or seat, and its backend."""
+
+    def __init__(
+        self,
+        sessions: Sessions,
+        door: str,
+        info: ConnectInfo,
+        client_address: str,
+        admission: Admission | None = None,
+        seat: bool = False,
+    ) -> None:
+        self.info = info
+        self.door = door
+        self.client_address = client_address
+        #: a serial writer's row and lease, taken at the gate
+        self.admission = admission
+        #: admitted read-only beside this proxy's writer of the same console
+        self.seat = seat
+        self.connector: Connector = connector_for(info)
+        self._sessions = sessions
+        self._used = False
+
+    def start(self, client: ClientSide) -> Endpoint:
+        """Start the session for ``client``; the door hands it the client's bytes."""
+        self._used = True
+        label = row_door(self.door)
+        if self.seat:
+            spectator = self._sessions.watch(self.info, label, self.client_address, client)
+            if spectator is None:  # the writer left between the gate and here
+                client.close(Ending(Kind.PORT_BUSY, "the writer left; connect again"))
+                return _Closed()
+            return spectator
+        return self._sessions.start(
+            self.info, label, self.client_address, client, self.admission, self.connector
+        )
+
+    def release(self, reason: str) -> None:
+        """Give back what was taken for a pass that will never start."""
+        if not self._used:
+            self._used = True
+            if self.admission is not None:
+                self._sessions.release(self.admission, reason)
+
+    def who(self) -> str:
+        """Who uses this console through this proxy (the serial escape ``w``)."""
+        return self._sessions.who(self.info)
+
+
+class Gate:
+    """Admission for every door of one proxy."""
+
+    def __init__(
+        self,
+        store: Store,
+        sessions: Sessions,
+        clock: IReactorTime,
+        *,
+        timeout: float,
+        allowed_origins: Iterable[str] = (),
+        trusted_proxies: Iterable[Network] = (),
+    ) -> None:
+        self._store = store
+        self._sessions = sessions
+        self._clock = clock
+        self._timeout = timeout
+        self._allowed_origins = tuple(allowed_origins)
+        self._trusted_proxies = tuple(trusted_proxies)
+
+    def client_address(self, facts: Facts) -> str:
+        """The user's address: X-Forwarded-For's last hop, believed only from a trusted proxy."""
+        if facts.forwarded_for and is_trusted(facts.peer, self._trusted_proxies):
+            return facts.forwarded_for.split(",")[-1].strip() or facts.peer
+        return facts.peer
+
+    def admit(self, door: str, token: str | None, facts: Facts) -> defer.Deferred[Pass]:
+        """A Pass for ``token`` at ``door``, or a :class:`Refusal` that says why not.
+
+        Cancel the Deferred when the client leaves: it fails at once with
+        CancelledError, and whatever arrives later is given back.
+        """
+        address = self.client_address(facts)
+        timer: list[IDelayedCall] = []
+        outcome: defer.Deferred[Pass] = defer.Deferred(lambda _: _stop(timer))
+        try:
+            token_hash = _hashed(token)
+        except Refusal as refusal:
+            log_refusal(door, address, refusal)
+            outcome.errback(refusal)
+            return outcome
+        prefix = hash_prefix(token_hash)
+        timer.append(
+            self._clock.callLater(self._timeout, self._too_slow, outcome, door, address, prefix)
+        )
+        work = self._store.find_token(token_hash)
+        work.addCallbacks(
+            self._checked, _store_failed, (door, facts, address, prefix), None, (prefix,)
+        )
+
+        def settle(result: Pass | Failure) -> None:
+            _stop(timer)
+            if outcome.called:  # the client left, or the deadline passed
+                if isinstance(result, Pass):
+                    result.release("client gone before its session started")
+                return None
+            if isinstance(result, Pass):
+                outcome.callback(result)
+                return None
+            if result.check(Refusal):
+                refusal = result.value
+            else:
+                log.failure("admission at the {door} door failed", result, door=door)
+                refusal = Refusal(Kind.INTERNAL, hash_prefix=prefix)
+            log_refusal(door, address, refusal)
+            outcome.errback(refusal)
+            return None
+
+        work.addBoth(settle)
+        return outcome
+
+    def _checked(
+        self, info: ConnectInfo | None, door: str, facts: Facts, address: str, prefix: str
+    ) -> Pass | defer.Deferred[Pass]:
+        if info is None:
+            raise Refusal(Kind.INVALID_TOKEN, hash_prefix=prefix)
+        check_console_type(info, door)
+        check_origin(
+            info,
+            origin=facts.origin,
+            host_header=facts.host,
+            forwarded_proto=facts.forwarded_proto,
+            peer=facts.peer,
+            allowed_origins=self._allowed_origins,
+            trusted_proxies=self._trusted_proxies,
+        )
+        if info.console_type not in LEASED_TYPES:
+            return Pass(self._sessions, door, info, address)
+
+        def seat(failure: Failure) -> Pass | Failure:
+            # A held port: a seat beside its writer, where this proxy has one and allows it.
+            busy = failure.check(Refusal) and failure.value.ending.kind is Kind.PORT_BUSY
+            if busy and self._sessions.can_watch(info):
+                return Pass(self._sessions, door, info, address, seat=True)
+            return failure
+
+        leasing = self._sessions.admit(info, row_door(door), address)
+        leasing.addCallbacks(
+            lambda admission: Pass(self._sessions, door, info, address, admission), seat
+        )
+        return leasing
+
+    def _too_slow(self, outcome: defer.Deferred[Pass], door: str, address: str, prefix: str) -> None:
+        if outcome.called:
+            return
+        refusal = Refusal(
+            Kind.STORE_UNAVAILABLE, f"no answer within {self._timeout:g}s", hash_prefix=prefix
+        )
+        log_refusal(door, address, refusal)
+        outcome.errback(refusal)
+
+
+def _hashed(token: str | None) -> str:
+    """The token's digest, computed once; a refusal for a missing or malformed one."""
+    if not token:
+        raise Refusal(Kind.NO_TOKEN)
+    token_hash = hash_token(token)
+    if len(token) > MAX_TOKEN_LENGTH or not token.isprintable():
+        raise Refusal(Kind.INVALID_TOKEN, "malformed token", hash_prefix(token_hash))
+    return token_hash
+
+
+def _store_failed(failure: Failure, prefix: str) -> None:
+    log.failure("the token store is unavailable", failure)
+    raise Refusal(Kind.STORE_UNAVAILABLE, hash_prefix=prefix)
+
+
+def _stop(timer: list[IDelayedCall]) -> None:
+    while timer:
+        call = timer.pop()
+        if call.active():
+            call.cancel()
+
+
+def log_refusal(door: str, client: str, refusal: Refusal, **fields: Any) -> None:
+    """The one log line of a refused connection: reason and hash prefix, never the token."""
+    log.info(
+        "refused {door} connection from {client}: {reason} (token {hash_prefix})",
+        door=door,
+        client=client,
+        reason=str(refusal.ending),
+        hash_prefix=refusal.hash_prefix or "-",
+        **fields,
+    )
