@@ -67,14 +67,25 @@ class SharedPortEndpoint:
             sock.close()  # adoptStreamPort keeps its own duplicate of the descriptor
 
 
+class DoorRefused(SystemExit, Exception):
+    """A door cannot listen; the message is one line for the operator.
+
+    Both bases on purpose.  twistd's ``postApplication`` handles an Exception
+    from start-up: it removes the pidfile and, when daemonizing, reports it
+    through the status pipe (without that report the waiting parent never
+    exits).  Python's top level handles a SystemExit: it prints the message,
+    with no traceback, and exits with status 1.
+    """
+
+
 class DoorService(Service):
     """Listens on one endpoint while running; ``port`` is the bound port.
 
     Under twistd every door binds in ``privilegedStartService``: twistd calls
     it on the whole tree before any ``startService`` (so before the store's
     threads start) and before it sheds ``--uid``.  A door that cannot bind
-    closes the doors bound before it and raises SystemExit with one line, so
-    the process ends at once instead of half-serving.
+    closes the doors bound before it and raises `DoorRefused`, so the process
+    ends at once instead of half-serving.
     """
 
     #: door name -> (group, host option, port option) behind its listener.
@@ -103,7 +114,7 @@ class DoorService(Service):
             for sibling in self.parent or ():
                 if isinstance(sibling, DoorService):
                     sibling._close()
-            raise SystemExit(f"consoled: {self.refusal(error)}") from None
+            raise DoorRefused(f"consoled: {self.refusal(error)}") from None
 
     def startService(self) -> None:
         super().startService()
@@ -135,9 +146,7 @@ class DoorService(Service):
 
     def refusal(self, error: CannotListenError) -> str:
         """One line for an operator: the door, its options, the cause and the remedy."""
-        group, host_option, port_option = self.OPTIONS.get(
-            self.name, (self.name, "host", "port")
-        )
+        group, host_option, port_option = self.OPTIONS.get(self.name, (self.name, "host", "port"))
         cause = error.socketError
         code = getattr(cause, "errno", None)
         reason = getattr(cause, "strerror", None) or str(cause)

@@ -130,8 +130,8 @@ def store_refusal(error: Exception, settings: Settings) -> str:
         option = f"[DEFAULT] state_path {settings.default.state_path or '(unset)'}"
     else:
         option = "[database] connection"
-    lines = str(error).strip().splitlines()
-    return f"{option}: cannot open the database: {type(error).__name__}: {lines[0] if lines else ''}"
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{option}: cannot open the database: {type(error).__name__}: {first}"
 
 
 def proxy_name(settings: Settings, worker: int = 0) -> str:
