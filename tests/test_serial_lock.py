@@ -11,6 +11,7 @@ from twisted.trial.unittest import TestCase
 from tests import hypervisors
 from tests.harness import Consoled, test_settings
 from tests.serialclient import TerminalClient
+from tests.test_store import take_lease
 from tests.wsclient import http_request, upgrade_request, ws_connect
 
 
@@ -120,9 +121,7 @@ class SerialLockTests(TestCase):
     @defer.inlineCallbacks
     def test_lapsed_lease_of_a_dead_proxy(self) -> Any:
         """A lease its proxy stopped renewing does not block the port."""
-        yield self.consoled.store.acquire_lease(
-            host="127.0.0.1", port=self.echo.port, session_id=999, proxy="dead", lease_seconds=-1
-        )
+        yield take_lease(self.consoled.store, "127.0.0.1", self.echo.port, "dead", -1)
         client = yield ws_connect(self.port, (yield self.token()))
         client.send(b"z")
         self.assertEqual((yield client.read(1)), b"z")

@@ -75,7 +75,9 @@ class StoreTestsMixin:
     def test_expired_and_unknown_are_one_answer(self: Any) -> None:
         """An unknown token and one at or past its expiry both validate to None."""
         issued = self.authorize(ttl=10)
-        self.assertIsNone(self.successResultOf(self.store.find_token(hash_token(str(uuid.uuid4())))))
+        self.assertIsNone(
+            self.successResultOf(self.store.find_token(hash_token(str(uuid.uuid4()))))
+        )
         self.clock.advance(9)
         self.assertIsNotNone(self.successResultOf(self.store.find_token(hash_token(issued.token))))
         self.clock.advance(1)
@@ -219,11 +221,10 @@ class LeaseTestsMixin:
         self.store = Store(self.engine, InlineRunner(), self.clock)
 
     def acquire(self: Any, session_id: int, proxy: str = "a") -> Any:
-        return self.successResultOf(
-            self.store.acquire_lease(
-                host="compute-1", port=10000, session_id=session_id, proxy=proxy, lease_seconds=30
-            )
-        )
+        """A writer's row (the ``session_id``-th) and the lease of compute-1:10000; the holder."""
+        row, holder = self.successResultOf(take_lease(self.store, "compute-1", 10000, proxy, 30))
+        self.assertEqual(row, session_id)
+        return holder
 
     def test_one_holder(self: Any) -> None:
         """The first taker holds the port; the second learns who holds it since when."""
@@ -271,7 +272,7 @@ class LeaseTestsMixin:
         self.successResultOf(
             self.store.end_session(1, reason="x", bytes_to_client=0, bytes_to_server=0)
         )
-        self.assertIsNone(self.acquire(2, proxy="b"))
+        self.assertIsNone(self.acquire(3, proxy="b"))
 
     def test_concurrent_takers_one_wins(self: Any) -> None:
         """Eight threads racing for a free port: exactly one gets it."""
@@ -285,10 +286,8 @@ class LeaseTestsMixin:
 
         def take(session_id: int) -> None:
             barrier.wait()
-            d = racer.acquire_lease(
-                host="h", port=1, session_id=session_id, proxy=f"p{session_id}", lease_seconds=30
-            )
-            d.addBoth(results.append)
+            d = take_lease(racer, "h", 1, f"p{session_id}", 30)
+            d.addCallbacks(lambda opened: results.append(opened[1]), results.append)
 
         threads = [threading.Thread(target=take, args=(i,)) for i in range(1, 9)]
         for thread in threads:
@@ -321,10 +320,22 @@ class RestartedProxyLeaseTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(NOW)
         store = Store(engine, InlineRunner(), clock)
-        lease = dict(host="h", port=1, proxy="A", lease_seconds=30)
-        self.assertIsNone(self.successResultOf(store.acquire_lease(session_id=1, **lease)))
+        self.assertIsNone(self.successResultOf(take_lease(store, "h", 1, "A", 30))[1])
         for _ in range(4):  # "A" again, after a SIGKILL and restart, with no live session
             clock.advance(10)
             self.successResultOf(store.touch([], proxy="A", lease_seconds=30))
-        taken = store.acquire_lease(session_id=2, **{**lease, "proxy": "B"})
-        self.assertIsNone(self.successResultOf(taken))
+        self.assertIsNone(self.successResultOf(take_lease(store, "h", 1, "B", 30))[1])
+
+
+def take_lease(
+    store: Store, host: str, port: int, proxy: str, lease_seconds: float
+) -> defer.Deferred[tuple[int, dict[str, Any] | None]]:
+    """A serial writer of host:port through ``proxy``: its row id, and the holder if taken."""
+    info = dataclasses.replace(INFO, console_type="serial", host=host, port=port)
+    return store.open_writer(
+        info=info,
+        door="serial-tcp",
+        client_address="192.0.2.1",
+        proxy=proxy,
+        lease_seconds=lease_seconds,
+    )

@@ -144,8 +144,8 @@ class SessionRows:
     ) -> defer.Deferred[tuple[int, dict[str, Any] | None]]:
         """Record a serial writer's session and take its port's lease, in one trip.
 
-        The row and the lease are two transactions, as :meth:`open_session`
-        then :meth:`acquire_lease` would make them, run back to back on one
+        The row and the lease are two transactions (the row, as
+        :meth:`open_session` makes it, then the lease), run back to back on one
         database thread: a writer's set-up waits for the database once, not
         twice.  Gives the row id and the lease holder's row (None: taken).
         """
@@ -161,13 +161,6 @@ class SessionRows:
         return self._runner.run(open_and_lease)
 
     # -- serial port leases, kicks -------------------------------------------
-
-    def acquire_lease(
-        self, *, host: str, port: int, session_id: int, proxy: str, lease_seconds: float
-    ) -> defer.Deferred[dict[str, Any] | None]:
-        """Take the one-writer lease of a serial port; None, or the holder's row if held."""
-        lease = _lease_values(host, port, session_id, proxy, self._now(), lease_seconds)
-        return self._runner.run(_take_lease, self.engine, lease)
 
     def end_session(
         self,
