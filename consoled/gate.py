@@ -35,8 +35,8 @@ from twisted.python.failure import Failure
 from consoled.backends import Connector, connector_for
 from consoled.endings import Ending, Kind, Refusal
 from consoled.policy import Network, check_console_type, check_origin, is_trusted
-from consoled.relay import ClientSide
 from consoled.sessions import LEASED_TYPES, Admission, Sessions
+from consoled.sessions.relay import ClientSide
 from consoled.store import Store
 from consoled.tokens import ConnectInfo, hash_prefix, hash_token
 
@@ -232,7 +232,9 @@ class Gate:
         )
         return leasing
 
-    def _too_slow(self, outcome: defer.Deferred[Pass], door: str, address: str, prefix: str) -> None:
+    def _too_slow(
+        self, outcome: defer.Deferred[Pass], door: str, address: str, prefix: str
+    ) -> None:
         if outcome.called:
             return
         refusal = Refusal(

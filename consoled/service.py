@@ -20,11 +20,11 @@ from twisted.python import usage
 
 from consoled import malloc
 from consoled.config import ConfigError, Settings, load_settings
-from consoled.doors import CertificateReloader, serial_tcp_doors, websocket_doors, xvp_doors
 from consoled.gate import Gate
+from consoled.listeners import CertificateReloader, serial_tcp_doors, websocket_doors, xvp_doors
 from consoled.reactor import install as install_reactor
-from consoled.recording import Recorder
 from consoled.sessions import Sessions
+from consoled.sessions.recording import Recorder
 from consoled.store import Store, open_store, schema
 from consoled.store.engine import describe_error, safe_url
 from consoled.timers import clean_expired_tokens, duty, end_lost_sessions
@@ -156,7 +156,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     Start-up never half-starts: a bad database, schema or TLS file stops it
     here, before twistd starts logging; a door that cannot bind stops it in
-    ``privilegedStartService`` (consoled.doors.DoorService), before any
+    ``privilegedStartService`` (consoled.listeners.DoorService), before any
     service starts.  Either way twistd prints the line and exits with 1.
     """
     if reactor is None:

@@ -27,7 +27,7 @@ TWISTD = "from twisted.scripts.twistd import run; run()"
 ENV = {**os.environ, "PYTHONPATH": CHECKOUT}
 
 READY = b"consoled ready"
-#: What consoled says when a door's port is taken (consoled.doors.DoorService).
+#: What consoled says when a door's port is taken (consoled.listeners.DoorService).
 PORT_TAKEN = b"address already in use"
 START_TIMEOUT = 20.0
 STOP_GRACE = 10.0

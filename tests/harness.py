@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from consoled.config import Settings
-from consoled.doors import DoorService
+from consoled.listeners import DoorService
 from consoled.service import compose
 from consoled.store import Store, schema
 from consoled.store.engine import make_engine

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from consoled import malloc
-from consoled.relay import write_now
+from consoled.sessions.relay import write_now
 from tests import hypervisors
 from tests.harness import Consoled, test_settings
 from tests.wsclient import ws_connect

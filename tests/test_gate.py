@@ -15,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from consoled.endings import ANSWERS, Ending, Kind, Refusal
 from consoled.gate import MAX_TOKEN_LENGTH, Facts, Gate, Pass
-from consoled.relay import Relay
-from consoled.spectators import Spectator
+from consoled.sessions.relay import Relay
+from consoled.sessions.spectators import Spectator
 from tests.inline import InlineCore
 
 BROWSER = Facts(peer="192.0.2.7", origin="http://proxy.example", host="proxy.example:6080")

@@ -13,7 +13,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from consoled.frontends import web, xvp
+from consoled.doors import web, xvp
 from tests import hypervisors
 from tests.harness import Consoled, test_settings
 from tests.wsclient import HOST, http_request, upgrade_request, ws_connect

@@ -70,7 +70,7 @@ class CommandTests(CommandBase):
         """--ttl and --internal-access-path are stored; xvpvnc gets the /console URL."""
         url = self.create("--type", "xvpvnc", "--ttl", "30", "--internal-access-path", "/c?ref=9")
         self.assertTrue(url.startswith("http://127.0.0.1:6081/console?token="), url)
-        info = self.successResultOf(self.store.find_token(hash_token(url.split("token="))[1]))
+        info = self.successResultOf(self.store.find_token(hash_token(url.split("token=")[1])))
         self.assertEqual((info.expires, info.internal_access_path), (1_800_000_030, "/c?ref=9"))
 
     def test_show_never_prints_the_token(self) -> None:

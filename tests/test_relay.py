@@ -7,7 +7,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from consoled.endings import Ending, Kind
-from consoled.relay import Relay
+from consoled.sessions.relay import Relay
 
 
 class FakeClient:

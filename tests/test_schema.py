@@ -167,7 +167,7 @@ class WheelTests(TestCase):
             "import pkgutil, consoled, os; "
             "[__import__(m.name) for m in pkgutil.walk_packages(consoled.__path__, 'consoled.')"
             " if not m.name.startswith('consoled.sql')]; "
-            "import consoled.service, consoled.doors; "
+            "import consoled.service, consoled.listeners; "
             "assert os.path.exists(os.path.join(consoled.__path__[0], 'web', 'serial.html')); "
             "from consoled.store import schema; "
             "print(schema.migrations_directory()); print(schema.head_revision())"

@@ -20,11 +20,11 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from consoled.doors.serial_tcp import BANNER, OFFER, PROMPT, SerialTCPFactory
 from consoled.endings import Ending, Kind, Refusal
-from consoled.frontends.serial_tcp import BANNER, OFFER, PROMPT, SerialTCPFactory
 from consoled.gate import Gate
-from consoled.relay import Relay
 from consoled.sessions import Admission, Sessions
+from consoled.sessions.relay import Relay
 from consoled.store import Store, schema
 from consoled.store.engine import make_engine
 from consoled.store.runner import ThreadRunner
@@ -207,7 +207,7 @@ class PromptTests(DoorTestCase):
                 self.assertEqual(backend.transport.value(), b"x", (ending, chunks))
 
     def test_empty_line_is_not_a_try(self) -> None:
-        """Enter on an empty line prompts again without asking the authorizer."""
+        """Enter on an empty line prompts again without asking the gate."""
         protocol, transport = self.connect()
         protocol.dataReceived(b"\r\n \n\r")
         self.assertEqual(self.store.seen, hashes())
@@ -233,7 +233,9 @@ class PromptTests(DoorTestCase):
         """256 characters are refused without a look-up and count as a try; 255 are looked up."""
         protocol, transport = self.connect()
         protocol.dataReceived(b"a" * 256 + b"\r")
-        self.assertEqual(transport.value(), GREETING + b"\r\nbad request: token too long\r\n" + PROMPT)
+        self.assertEqual(
+            transport.value(), GREETING + b"\r\nbad request: token too long\r\n" + PROMPT
+        )
         self.assertEqual(self.store.seen, hashes())
         protocol.dataReceived(b"b" * 255 + b"\r")
         self.assertEqual(self.store.seen, hashes("b" * 255))
@@ -562,7 +564,9 @@ class EndingTests(DoorTestCase):
         protocol, transport = self.connect()
         protocol.dataReceived(b"good\r")
         self.assertTrue(
-            transport.value().endswith(b"console port in use: held since 2030-01-01 00:00:00 UTC\r\n")
+            transport.value().endswith(
+                b"console port in use: held since 2030-01-01 00:00:00 UTC\r\n"
+            )
         )
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.sessions.started, [])

@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from consoled.frontends.serial_tcp import SerialTCPFactory
+from consoled.doors.serial_tcp import SerialTCPFactory
 from tests.inline import InlineCore
 
 TOKEN = b"<TOKEN>"

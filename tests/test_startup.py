@@ -26,7 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from consoled.doors import DoorService
+from consoled.listeners import DoorService
 from consoled.store import schema
 from consoled.store.engine import CONNECT_TIMEOUT, make_engine
 from tests.daemon import START_TIMEOUT, Twistd, spawn_consoled, write_config

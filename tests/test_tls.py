@@ -40,7 +40,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from consoled.config import ConsoleSettings, DefaultSettings, Settings
-from consoled.frontends.serial_tcp import PROMPT
+from consoled.doors.serial_tcp import PROMPT
 from consoled.tls import (
     HTTP_ALPN,
     MAX_PEM_BYTES,

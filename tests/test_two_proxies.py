@@ -144,7 +144,7 @@ class TwoProxiesMixin:
         """A user holding a QEMU serial port through A makes B refuse another user with 409.
 
         The refusal is kept as a row of B that names since when the port is
-        held (the 409 itself has an empty body: consoled/frontends/websocket.py).
+        held (the 409 itself has an empty body: consoled/doors/websocket.py).
         """
         qemu = yield start_qemu_monitor(self)
         user = yield self.connect(self.a, qemu.port)

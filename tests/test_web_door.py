@@ -8,8 +8,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from consoled.frontends.web import MAX_HEAD, DoorFactory, door_site
-from consoled.frontends.websocket import ConsoleServerFactory, ConsoleServerProtocol, Door
+from consoled.doors.web import MAX_HEAD, DoorFactory, door_site
+from consoled.doors.websocket import ConsoleServerFactory, ConsoleServerProtocol, Door
 
 UPGRADE = (
     b"GET /?token=t HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"

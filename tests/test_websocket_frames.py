@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from consoled.frontends.websocket import MAX_MESSAGE, ConsoleServerFactory, Door, _unmask
+from consoled.doors.websocket import MAX_MESSAGE, ConsoleServerFactory, Door, _unmask
 from tests.test_policy import INFO as POLICY_INFO
 
 INFO = POLICY_INFO  # a novnc token's row
@@ -29,8 +29,6 @@ UPGRADE = (
     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
 )
-
-
 
 
 class _Relay:

@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from consoled.frontends.xvp import XVPFactory
+from consoled.doors.xvp import XVPFactory
 from tests.inline import InlineCore
 
 STATUSES = {200, 400, 401, 403, 405, 408, 431, 502, 503, 504}

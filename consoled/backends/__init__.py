@@ -26,7 +26,9 @@ class Connector(Protocol):
     ) -> defer.Deferred[BackendProtocol]: ...
 
 
-def plain_tcp(reactor: Any, info: ConnectInfo, *, timeout: float) -> defer.Deferred[BackendProtocol]:
+def plain_tcp(
+    reactor: Any, info: ConnectInfo, *, timeout: float
+) -> defer.Deferred[BackendProtocol]:
     return connect_backend(reactor, info.host, info.port, timeout=timeout)
 
 

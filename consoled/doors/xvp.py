@@ -36,10 +36,10 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from consoled.doors.answers import plain_response
 from consoled.endings import ANSWERS, Ending, Refusal
-from consoled.frontends.answers import plain_response
 from consoled.gate import Endpoint, Facts, Gate, Pass
-from consoled.relay import TransportClientSide, write_now
+from consoled.sessions.relay import TransportClientSide, write_now
 
 log = Logger()
 

@@ -32,11 +32,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from consoled.doors.answers import empty_response
 from consoled.endings import ANSWERS, Ending, Kind, Refusal
-from consoled.frontends.answers import empty_response
 from consoled.gate import Endpoint, Facts, Gate, Pass
 from consoled.policy import token_from
-from consoled.relay import TransportClientSide, write_now
+from consoled.sessions.relay import TransportClientSide, write_now
 
 log = Logger()
 

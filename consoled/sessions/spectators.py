@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from consoled.endings import Ending, Kind
-from consoled.relay import ClientSide, Relay
+from consoled.sessions.relay import ClientSide, Relay
 from consoled.tokens import ConnectInfo
 
 if TYPE_CHECKING:

@@ -31,8 +31,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server, static
 
-from consoled.frontends.answers import plain_response
-from consoled.frontends.websocket import ConsoleServerFactory, redact
+from consoled.doors.answers import plain_response
+from consoled.doors.websocket import ConsoleServerFactory, redact
 
 log = Logger()
 

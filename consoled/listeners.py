@@ -21,10 +21,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from consoled.config import Settings
-from consoled.frontends.serial_tcp import SerialTCPFactory
-from consoled.frontends.web import DoorFactory, door_site
-from consoled.frontends.websocket import ConsoleServerFactory, Door
-from consoled.frontends.xvp import XVPFactory
+from consoled.doors.serial_tcp import SerialTCPFactory
+from consoled.doors.web import DoorFactory, door_site
+from consoled.doors.websocket import ConsoleServerFactory, Door
+from consoled.doors.xvp import XVPFactory
 from consoled.gate import Gate
 from consoled.tls import HTTP_ALPN, ReloadableServerTLS, reload_on_sighup, tls_factory
 

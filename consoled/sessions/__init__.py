@@ -20,9 +20,9 @@ from twisted.python.failure import Failure
 from consoled.backends import Connector, plain_tcp
 from consoled.backends.tcp import BackendProtocol
 from consoled.endings import Ending, Kind, Refusal
-from consoled.recording import Recorder, Recording
-from consoled.relay import ClientSide, Relay
-from consoled.spectators import Seats, readable_utc
+from consoled.sessions.recording import Recorder, Recording
+from consoled.sessions.relay import ClientSide, Relay
+from consoled.sessions.spectators import Seats, readable_utc
 from consoled.store import Store
 from consoled.store.runner import observe
 from consoled.tokens import ConnectInfo
