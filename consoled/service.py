@@ -199,7 +199,7 @@ def workers_monitor(options: Options, workers: int, reactor: Any) -> IService:
     return monitor
 
 
-def _sweeps(settings: Settings, store: Store) -> MultiService:
+def _sweeps(settings: Settings, store: Store, clock: Any) -> MultiService:
     """Expired tokens and the rows and leases of lost proxies, swept on timers."""
     sweeps = MultiService()
     sweeps.setName("sweeps")
@@ -209,6 +209,7 @@ def _sweeps(settings: Settings, store: Store) -> MultiService:
         clean_expired_tokens,
         store,
         settings.consoled.token_clean_batch,
+        clock=clock,
     ).setServiceParent(sweeps)
     duty(
         "session-janitor",
@@ -216,6 +217,7 @@ def _sweeps(settings: Settings, store: Store) -> MultiService:
         end_lost_sessions,
         store,
         3 * settings.consoled.lease_seconds,
+        clock=clock,
     ).setServiceParent(sweeps)
     return sweeps
 
@@ -225,7 +227,8 @@ def compose(
 ) -> SequentialMultiService:
     """Every service of one consoled, in start order (they stop the other way round).
 
-    ``clock`` drives the sessions' idle and expiry timers (tests pass a Clock).
+    ``clock`` drives every timer of the sessions, the gate, the periodic duties
+    and the recorder (tests pass a Clock); the reactor, when it is None.
     """
     top = SequentialMultiService()
     StoreService(store).setServiceParent(top)
@@ -237,14 +240,16 @@ def compose(
         idle_timeout=settings.consoled.idle_timeout,
         enforce_session_timeout=settings.consoleauth.enforce_session_timeout,
         lease_seconds=settings.consoled.lease_seconds,
-        recorder=recorder_from_settings(settings, reactor),
+        recorder=recorder_from_settings(settings, clock or reactor),
         spectators=settings.consoled.serial_spectators,
         clock=clock,
     )
     sessions.setServiceParent(top)
-    duty("session-toucher", settings.consoled.touch_interval, sessions.touch).setServiceParent(top)
+    duty(
+        "session-toucher", settings.consoled.touch_interval, sessions.touch, clock=clock
+    ).setServiceParent(top)
     if not worker:  # the cell-wide sweeps run in the first process only
-        _sweeps(settings, store).setServiceParent(top)
+        _sweeps(settings, store, clock).setServiceParent(top)
     tls = server_tls_from_settings(settings)
     if tls is not None:
         CertificateReloader(tls, reactor).setServiceParent(top)

@@ -306,12 +306,3 @@ class SessionRows:
             return ended
 
         return self._run(janitor)
-
-    def get_session(self, session_id: int) -> defer.Deferred[dict[str, Any] | None]:
-        query = sa.select(sessions_table).where(sessions_table.c.id == session_id)
-
-        def select(connection: sa.Connection) -> dict[str, Any] | None:
-            row = connection.execute(query).first()
-            return None if row is None else dict(row._mapping)
-
-        return self._run(select)
