@@ -12,11 +12,11 @@ and the configured list is never modified.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlparse
 
 from consoled.endings import Kind, Refusal
+from consoled.redaction import redact
 from consoled.tokens import ConnectInfo
 
 #: The console types each door serves.
@@ -79,11 +79,6 @@ def host_name(host_header: str | None) -> str | None:
     return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
 
 
-#: A token's shape (a uuid, dashes encoded or left out): never quoted back
-#: from an Origin, where only whoever sent it can have put it.
-_TOKEN_SHAPE = re.compile(r"[0-9a-f]{8}(?:-|%2d)?(?:[0-9a-f]{4}(?:-|%2d)?){3}[0-9a-f]{12}")
-
-
 def check_origin(
     info: ConnectInfo,
     *,
@@ -113,7 +108,7 @@ def check_origin(
     if hostname not in expected:
         raise Refusal(
             Kind.ORIGIN_REFUSED,
-            f"Origin {_TOKEN_SHAPE.sub('<redacted>', hostname)!r} does not match this host",
+            f"Origin {redact(hostname)!r} does not match this host",
             info.hash_prefix,
         )
     base_scheme = urlparse(info.access_url_base or "").scheme.lower()

@@ -19,7 +19,9 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from consoled.doors.websocket import MAX_MESSAGE, ConsoleServerFactory, Door, _unmask
+from consoled.doors.frames import MAX_MESSAGE
+from consoled.doors.frames import unmask as _unmask
+from consoled.doors.websocket import ConsoleServerFactory, Door
 from tests.test_policy import INFO as POLICY_INFO
 
 INFO = POLICY_INFO  # a novnc token's row

@@ -32,7 +32,8 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server, static
 
 from consoled.doors.answers import plain_response
-from consoled.doors.websocket import ConsoleServerFactory, redact
+from consoled.doors.websocket import ConsoleServerFactory
+from consoled.redaction import redact
 
 log = Logger()
 

@@ -20,58 +20,28 @@ catches, logs and answers itself.
 
 from __future__ import annotations
 
-import re
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from consoled.doors.answers import empty_response
+from consoled.doors.frames import MAX_MESSAGE, MIN_EXTENDED, binary_header, unmask
 from consoled.endings import ANSWERS, Ending, Kind, Refusal
 from consoled.gate import Endpoint, Facts, Gate, Pass
 from consoled.policy import token_from
+from consoled.redaction import redact
 from consoled.sessions.relay import TransportClientSide, write_now
 
 log = Logger()
 
 
-#: A server frame's header for each payload size under 126 (a keystroke's
-#: echo, a cursor update): a list index instead of building the two bytes.
-_SMALL_HEADERS = [bytes((0x82, size)) for size in range(126)]
-_HEADER_16 = struct.Struct("!BBH")
-_HEADER_64 = struct.Struct("!BBQ")
-
 #: How much may wait in consoled for a slow browser before the hypervisor pauses.
 USER_WRITE_BUFFER = 256 * 1024
-
-#: The largest websocket message accepted from a user.
-MAX_MESSAGE = 4 * 1024 * 1024
-
-#: header size -> the smallest payload length that encoding may carry (RFC 6455 5.2)
-_MIN_EXTENDED = {8: 126, 14: 65536}
-
-#: What may hold a token in text that quotes a request: a ``token=`` value (in
-#: a query, a fragment, a ``;`` parameter, a cookie; its ``=`` maybe
-#: URL-encoded), whatever follows a ``#`` (Autobahn quotes a fragment without
-#: it), and anything shaped like a token, a uuid (dashes encoded or left out).
-_TOKENISH = re.compile(
-    r"(token\s*(?:=|%3D|%253D)\s*\"?)[^&;,\s\"']*"
-    r"|(#|%23|fragment identifier \")[^\s\"]+"
-    r"|[0-9a-f]{8}(?:-|%2D)?(?:[0-9a-f]{4}(?:-|%2D)?){3}[0-9a-f]{12}",
-    re.IGNORECASE,
-)
-
-
-def redact(text: str) -> str:
-    """Text that quotes a request (a request line, a header, Autobahn's own
-    reasons) with every place that may hold a token replaced by ``<redacted>``."""
-    return _TOKENISH.sub(lambda found: (found[1] or found[2] or "") + "<redacted>", text)
 
 
 @dataclass(frozen=True)
@@ -236,12 +206,12 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
                     size = int.from_bytes(data[at + 2 : at + 10], "big")
                 else:  # unmasked: a protocol error Autobahn reports
                     break
-                if not _MIN_EXTENDED[start - at] <= size <= MAX_MESSAGE or start > end:
+                if not MIN_EXTENDED[start - at] <= size <= MAX_MESSAGE or start > end:
                     break  # over-long length encoding, or too big: Autobahn closes
             stop = start + size
             if stop > end:
                 break
-            payload = _unmask(data[start:stop], data[start - 4 : start])
+            payload = unmask(data[start:stop], data[start - 4 : start])
             at = stop
             self.relay.from_client(payload)
         if at and self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
@@ -279,14 +249,7 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
         """
         if self.state != self.STATE_OPEN:
             return
-        size = len(data)
-        if size < 126:
-            header = _SMALL_HEADERS[size]
-        elif size < 65536:
-            header = _HEADER_16.pack(0x82, 126, size)
-        else:
-            header = _HEADER_64.pack(0x82, 127, size)
-        write_now(self.transport, data, header)
+        write_now(self.transport, data, binary_header(len(data)))
 
     def close(self, ending: Ending) -> None:
         code = ANSWERS[ending.kind].close
@@ -318,18 +281,3 @@ class ConsoleServerFactory(WebSocketServerFactory):
             failByDrop=False,
         )
         self.server = "consoled"
-
-
-def _unmask(payload: bytes, mask: bytes) -> bytes:
-    """XOR a client frame's payload with its mask.
-
-    Autobahn's native masker costs about 5 µs to set up; big integers take
-    about 0.5 µs for a keystroke and fall behind it past about 1 KiB.
-    """
-    size = len(payload)
-    if size > 1024:
-        return create_xor_masker(mask, size).process(payload)
-    key = (mask * ((size >> 2) + 1))[:size]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        size, "little"
-    )
