@@ -24,15 +24,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from consoled.doors.stream import GatedStream
 from consoled.doors.telnet import CR, LF, NUL, OFFER, TelnetCodec
 from consoled.endings import Ending, Kind, Refusal
-from consoled.gate import MAX_TOKEN_LENGTH, Endpoint, Facts, Gate, Pass, log_refusal
+from consoled.gate import MAX_TOKEN_LENGTH, Gate, Pass, log_refusal
 from consoled.sessions.relay import write_now
 
 log = Logger()
@@ -59,19 +57,17 @@ HELP = (
 )
 
 
-class SerialTCPProtocol(Protocol):
+class SerialTCPProtocol(GatedStream):
     """One terminal user's connection; the relay's ClientSide."""
 
     factory: SerialTCPFactory
+    door = DOOR
     state = "prompting"
-    relay: Endpoint | None = None
-    #: the gate's answer being awaited (cancelled if the user leaves meanwhile)
-    _admitting: defer.Deferred[Pass] | None = None
     #: the admitted session (it answers the escape ``w``)
     _pass: Pass | None = None
 
     def connectionMade(self) -> None:
-        self.client_address = getattr(self.transport.getPeer(), "host", "?")
+        super().connectionMade()
         self.consumer = self.producer = self.transport
         # Real telnet (inetutils, netkit) negotiates nothing on a port other
         # than 23 unless the server does: without this offer it would stay in
@@ -87,9 +83,7 @@ class SerialTCPProtocol(Protocol):
         self._early_size = 0
         self._ready = False
         self._escaped = False
-        self._deadline: IDelayedCall | None = self.factory.clock.callLater(
-            self.factory.prompt_timeout, self._timed_out
-        )
+        self.wait(self.factory.prompt_timeout, self._timed_out)
         self.transport.write(OFFER + BANNER + PROMPT)
 
     def dataReceived(self, data: bytes) -> None:
@@ -168,30 +162,20 @@ class SerialTCPProtocol(Protocol):
         if too_long:
             refusal = Refusal(Kind.BAD_REQUEST, "token too long")
             log_refusal(DOOR, self.client_address, refusal)
-            self._refused(refusal)
+            self.refused(refusal)
         elif not token:
             self.transport.write(PROMPT)
         else:
             self.state = "admitting"
-            self._check(token)
+            self.admit(token)
 
-    def _check(self, token: str) -> None:
-        self._admitting = self.factory.gate.admit(DOOR, token, Facts(peer=self.client_address))
-        self._admitting.addCallbacks(self._admitted, self._refused_by_gate)
-
-    def _admitted(self, admitted: Pass) -> None:
-        self._admitting = None
+    def admitted(self, admitted: Pass) -> None:
         self._pass = admitted
-        self._cancel_deadline()  # the session's connect timeout takes over
+        self.stop_waiting()  # the session's connect timeout takes over
         self.relay = admitted.start(self)
         self._replay_early()  # the relay pauses reading again until the console is up
 
-    def _refused_by_gate(self, failure: Failure) -> None:
-        self._admitting = None
-        if failure.check(Refusal):  # else cancelled: the user left, or the deadline passed
-            self._refused(failure.value)
-
-    def _refused(self, refusal: Refusal) -> None:
+    def refused(self, refusal: Refusal) -> None:
         text = str(refusal.ending)
         if refusal.ending.kind not in RETRY:
             self._goodbye(text)
@@ -206,26 +190,18 @@ class SerialTCPProtocol(Protocol):
 
     def _timed_out(self) -> None:
         """No token admitted within the prompt timeout (typed too late, or never)."""
-        self._deadline = None
         if self.relay is not None:
             return
         seconds = f"{self.factory.prompt_timeout:g}s"
         log_refusal(DOOR, self.client_address, Refusal(Kind.NO_TOKEN, f"none within {seconds}"))
         self._goodbye(f"no token within {seconds}, goodbye")
 
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
     def _goodbye(self, text: str) -> None:
         """A last line, then close."""
         if self.state == "closed":
             return
         self.state = "closed"
-        self._cancel_deadline()
-        if self._admitting is not None:
-            self._admitting.cancel()
+        self.give_up()
         self.transport.write(text.encode("utf-8") + b"\r\n")
         self.transport.loseConnection()
 
@@ -296,18 +272,6 @@ class SerialTCPProtocol(Protocol):
             self._goodbye(f"\r\n[{ending}]")
         else:
             self._goodbye(f"console unavailable: {ending}")
-
-    def rebind(self, endpoint: Any) -> None:
-        """A takeover: the user's bytes go to ``endpoint`` now (the relay, or a seat)."""
-        self.relay = endpoint
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        previous, self.state = self.state, "closed"
-        self._cancel_deadline()
-        if self._admitting is not None:
-            self._admitting.cancel()  # the gate gives back what it took meanwhile
-        if self.relay is not None:
-            self.relay.client_lost("connection lost" if previous != "closed" else "")
 
 
 class SerialTCPFactory(Factory):

@@ -30,15 +30,13 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from consoled.doors.answers import plain_response
+from consoled.doors.stream import GatedStream
 from consoled.endings import ANSWERS, Ending, Refusal
-from consoled.gate import Endpoint, Facts, Gate, Pass
+from consoled.gate import Gate, Pass
 from consoled.sessions.relay import TransportClientSide, write_now
 
 log = Logger()
@@ -52,22 +50,19 @@ MAX_EARLY = 64 * 1024
 OK = b"HTTP/1.1 200 OK\r\n\r\n"
 
 
-class XVPProtocol(TransportClientSide, Protocol):
+class XVPProtocol(TransportClientSide, GatedStream):
     """One Java viewer's connection."""
 
     factory: XVPFactory
+    door = "xvp"
     state = "reading"
-    relay: Endpoint | None = None
-    _admitting: defer.Deferred[Pass] | None = None
 
     def connectionMade(self) -> None:
+        super().connectionMade()
         self._head = b""
         self._early: list[bytes] = []
         self._early_size = 0
-        self.client_address = getattr(self.transport.getPeer(), "host", "?")
-        self._deadline: IDelayedCall | None = self.factory.clock.callLater(
-            self.factory.request_timeout, self._request_timed_out
-        )
+        self.wait(self.factory.request_timeout, self._request_timed_out)
 
     # -- reading the request ------------------------------------------------
 
@@ -92,7 +87,7 @@ class XVPProtocol(TransportClientSide, Protocol):
             return
         head, rest = self._head[:end], self._head[end + 4 :]
         self._head = b""
-        self._cancel_deadline()
+        self.stop_waiting()
         self.state = "admitting"
         if rest:
             self._hold(rest)
@@ -101,7 +96,7 @@ class XVPProtocol(TransportClientSide, Protocol):
         except _Answer as answer:
             self._answer(answer.code, answer.text, answer.text)
             return
-        self._admit(token)
+        self.admit(token)
 
     def _parse(self, head: bytes) -> str:
         lines = head.split(b"\r\n")
@@ -133,22 +128,15 @@ class XVPProtocol(TransportClientSide, Protocol):
 
     # -- admission ---------------------------------------------------------
 
-    def _admit(self, token: str) -> None:
-        self._admitting = self.factory.gate.admit("xvp", token, Facts(peer=self.client_address))
-        self._admitting.addCallbacks(self._admitted, self._refused)
-
-    def _admitted(self, admitted: Pass) -> None:
-        self._admitting = None
+    def admitted(self, admitted: Pass) -> None:
         self.relay = admitted.start(self)
         early, self._early = self._early, []
         for chunk in early:
             self.relay.from_client(chunk)
 
-    def _refused(self, failure: Failure) -> None:
-        self._admitting = None
-        if failure.check(Refusal):  # else cancelled: the viewer left
-            ending = failure.value.ending
-            self._answer(ANSWERS[ending.kind].http, str(ending), None)
+    def refused(self, refusal: Refusal) -> None:
+        ending = refusal.ending
+        self._answer(ANSWERS[ending.kind].http, str(ending), None)
 
     def _answer(self, code: int, text: str, log_reason: str | None) -> None:
         """A status line and a short body, then close; logged unless already logged."""
@@ -161,19 +149,13 @@ class XVPProtocol(TransportClientSide, Protocol):
                 reason=log_reason,
             )
         self.state = "closed"
-        self._cancel_deadline()
+        self.give_up()
         self.transport.write(plain_response(code, text))
         self.transport.loseConnection()
 
     def _request_timed_out(self) -> None:
-        self._deadline = None
         if self.state == "reading":
             self._answer(408, "request not complete in time", "request timeout")
-
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
 
     # -- ClientSide, for the relay -----------------------------------------
 
@@ -191,14 +173,6 @@ class XVPProtocol(TransportClientSide, Protocol):
             self.transport.loseConnection()
         else:
             self._answer(ANSWERS[ending.kind].http, str(ending), None)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        previous, self.state = self.state, "closed"
-        self._cancel_deadline()
-        if self._admitting is not None:
-            self._admitting.cancel()  # the gate gives back what it took meanwhile
-        if self.relay is not None:
-            self.relay.client_lost("connection lost" if previous != "closed" else "")
 
 
 class _Answer(Exception):
