@@ -8,30 +8,19 @@ returning plain data.  Time comes from the injected clock, never from
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import sqlalchemy as sa
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
 
 from consoled.store import schema
-from consoled.store.runner import Runner
 from consoled.store.sessions import SessionRows
 from consoled.store.tokens import TokenRows
-
-T = TypeVar("T")
 
 
 class Store(TokenRows, SessionRows):
     """consoled's database, spoken to through Deferreds: the token part
     (store/tokens.py) and the session and lease part (store/sessions.py) on
     one engine and one runner."""
-
-    def __init__(self, engine: sa.Engine, runner: Runner, clock: IReactorTime) -> None:
-        self.engine = engine
-        self._runner = runner
-        self.clock = clock
 
     # -- life cycle ---------------------------------------------------------
 
@@ -43,28 +32,6 @@ class Store(TokenRows, SessionRows):
         d = self._runner.stop()
         d.addCallback(lambda _: self.engine.dispose())
         return d
-
-    def _run(self, f: Callable[..., T], *args: Any) -> defer.Deferred[T]:
-        """Run ``f(connection, *args)`` in one transaction on the runner."""
-
-        def unit() -> T:
-            with self.engine.begin() as connection:
-                return f(connection, *args)
-
-        return self._runner.run(unit)
-
-    def _execute(
-        self, statement: Any, rows: list[dict[str, Any]] | None = None
-    ) -> defer.Deferred[None]:
-        """Run one statement (executemany when ``rows`` are given) in a transaction."""
-
-        def execute(connection: sa.Connection) -> None:
-            connection.execute(statement, rows) if rows else connection.execute(statement)
-
-        return self._run(execute)
-
-    def _now(self) -> float:
-        return self.clock.seconds()
 
     # -- schema -------------------------------------------------------------
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+import sqlalchemy as sa
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -77,3 +78,24 @@ def observe(d: defer.Deferred[Any]) -> defer.Deferred[None]:
 
     d.addBoth(fire)
     return observer
+
+
+class StorePart:
+    """What every part of the Store works through: one engine, one runner, one clock."""
+
+    def __init__(self, engine: sa.Engine, runner: Runner, clock: IReactorTime) -> None:
+        self.engine = engine
+        self._runner = runner
+        self.clock = clock
+
+    def _run(self, f: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        """Run ``f(connection, *args)`` in one transaction on the runner."""
+
+        def unit() -> T:
+            with self.engine.begin() as connection:
+                return f(connection, *args)
+
+        return self._runner.run(unit)
+
+    def _now(self) -> float:
+        return self.clock.seconds()

@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from twisted.internet import defer
 
+from consoled.store.runner import StorePart
 from consoled.store.tables import serial_leases as leases_table
 from consoled.store.tables import sessions as sessions_table
 from consoled.tokens import ConnectInfo
@@ -102,17 +103,8 @@ def _take_lease(engine: sa.Engine, lease: dict[str, Any]) -> dict[str, Any] | No
         return dict(row._mapping) if row is not None else {"acquired_at": lease["acquired_at"]}
 
 
-class SessionRows:
+class SessionRows(StorePart):
     """Methods over ``consoled_sessions`` and ``consoled_serial_leases``."""
-
-    engine: sa.Engine
-    _runner: Any
-
-    def _run(self, f: Any, *args: Any) -> defer.Deferred[Any]:
-        raise NotImplementedError
-
-    def _now(self) -> float:
-        raise NotImplementedError
 
     # -- sessions -----------------------------------------------------------
 

@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from twisted.internet import defer
 
+from consoled.store.runner import StorePart
 from consoled.store.tables import console_auth_tokens as tokens_table
 from consoled.tokens import ConnectInfo, IssuedToken, hash_token, new_token
 
@@ -33,17 +34,8 @@ def _connect_info(row: sa.Row[Any]) -> ConnectInfo:
     return ConnectInfo(**row._asdict())
 
 
-class TokenRows:
+class TokenRows(StorePart):
     """Methods over ``console_auth_tokens``; the Store gives the engine, runner and clock."""
-
-    engine: sa.Engine
-    _runner: Any
-
-    def _run(self, f: Any, *args: Any) -> defer.Deferred[Any]:
-        raise NotImplementedError
-
-    def _now(self) -> float:
-        raise NotImplementedError
 
     def authorize(
         self,
