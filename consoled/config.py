@@ -22,19 +22,28 @@ Every option, its type, default and meaning: docs/configuration.md.
 from __future__ import annotations
 
 import configparser
-import ipaddress
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from twisted.logger import Logger
 
+from consoled.option_types import (
+    IPNetwork,
+    boolean,
+    choice,
+    each,
+    integer,
+    networks,
+    opt,
+    port,
+    port_range,
+    seconds,
+    ttl_by_type,
+)
 from consoled.tokens import CONSOLE_TYPES
 
 _log = Logger()
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -55,129 +64,6 @@ class ConfigError(Exception):
         return where + self.message
 
 
-# --- value parsers: text in, typed value out, ValueError("expected ...") ----
-
-Parse = Callable[[str], Any]
-
-
-def _shown(text: str) -> str:
-    # A wrong value goes into an error message; keep that message one short line.
-    return repr(text if len(text) <= 60 else text[:57] + "...")
-
-
-_INVALID = object()
-
-
-def _checked(wanted: str, convert: Callable[[str], Any], ok: Callable[[Any], bool]) -> Parse:
-    """A parser: convert the text, then check the value, else 'expected ...'."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except (ValueError, KeyError):
-            value = _INVALID
-        if value is _INVALID or not ok(value):
-            raise ValueError(f"expected {wanted}, got {_shown(text)}")
-        return value
-
-    return parse
-
-
-def _always(value: Any) -> bool:
-    return True
-
-
-def _integer(low: int | None = None, high: int | None = None) -> Parse:
-    if low is not None and high is not None:
-        wanted = f"an integer from {low} to {high}"
-    else:
-        wanted = "an integer" if low is None else f"an integer of at least {low}"
-    return _checked(
-        wanted,
-        int,
-        lambda value: (low is None or value >= low) and (high is None or value <= high),
-    )
-
-
-_port = _integer(1, 65535)
-
-
-def _seconds(*, zero_ok: bool = False) -> Parse:
-    wanted = "a number of seconds" + (", 0 or more" if zero_ok else " above 0")
-    return _checked(
-        wanted,
-        float,
-        lambda value: math.isfinite(value) and (value > 0 or zero_ok and value == 0),
-    )
-
-
-_BOOLEANS = {
-    "true": True, "yes": True, "on": True, "1": True,
-    "false": False, "no": False, "off": False, "0": False,
-}  # fmt: skip
-_boolean = _checked(
-    "true/false, yes/no, on/off or 1/0",
-    lambda text: _BOOLEANS[text.lower()],
-    _always,
-)
-
-
-def _choice(*allowed: str) -> Parse:
-    return _checked(f"one of {', '.join(allowed)}", str, lambda v: v in allowed)
-
-
-_port_range = _checked(
-    "'low:high' with 1 <= low < high <= 65535",
-    lambda text: tuple(int(part) for part in text.split(":")),
-    lambda pair: len(pair) == 2 and 1 <= pair[0] < pair[1] <= 65535,
-)
-
-
-def _items(text: str) -> list[str]:
-    return [item.strip() for item in text.replace("\n", ",").split(",") if item.strip()]
-
-
-def _each(parse_item: Parse, *, at_least_one: bool = False) -> Parse:
-    """A parser for a comma-separated list (nova's ListOpt) of one item type."""
-
-    def parse(text: str) -> tuple[Any, ...]:
-        items = tuple(parse_item(item) for item in _items(text))
-        if at_least_one and not items:
-            raise ValueError("expected at least one value")
-        return items
-
-    return parse
-
-
-_ttl_pair = _checked(
-    f"'type:seconds', seconds >= 1, type one of {', '.join(CONSOLE_TYPES)}",
-    lambda text: (text.rpartition(":")[0].strip(), int(text.rpartition(":")[2])),
-    lambda pair: pair[0] in CONSOLE_TYPES and pair[1] >= 1,
-)
-
-
-def _ttl_by_type(text: str) -> tuple[tuple[str, int], ...]:
-    pairs = _each(_ttl_pair)(text)
-    kinds = [kind for kind, _ in pairs]
-    if len(set(kinds)) != len(kinds):
-        raise ValueError(f"expected each console type once, got {_shown(text)}")
-    return pairs
-
-
-_networks = _each(
-    _checked(
-        "IP addresses or networks (a.b.c.d/nn)",
-        lambda text: ipaddress.ip_network(text, strict=False),
-        _always,
-    )
-)
-
-
-def _opt(default: Any, parse: Parse) -> Any:
-    """One option: its default and the parser for its text in a file."""
-    return field(default=default, metadata={"parse": parse})
-
-
 # --- the option table: one frozen dataclass per group ------------------------
 
 
@@ -185,88 +71,88 @@ def _opt(default: Any, parse: Parse) -> Any:
 class DatabaseSettings:
     """[database]: None for connection means the embedded SQLite default."""
 
-    connection: str | None = _opt(None, str)
-    max_pool_size: int | None = _opt(None, _integer(0))
-    connection_recycle_time: int = _opt(3600, _integer())
+    connection: str | None = opt(None, str)
+    max_pool_size: int | None = opt(None, integer(0))
+    connection_recycle_time: int = opt(3600, integer())
 
 
 @dataclass(frozen=True, slots=True)
 class ConsoleAuthSettings:
     """[consoleauth]"""
 
-    token_ttl: int = _opt(600, _integer(1))
-    enforce_session_timeout: bool = _opt(False, _boolean)
+    token_ttl: int = opt(600, integer(1))
+    enforce_session_timeout: bool = opt(False, boolean)
 
 
 @dataclass(frozen=True, slots=True)
 class ConsoleSettings:
     """[console]"""
 
-    allowed_origins: tuple[str, ...] = _opt((), _each(str))
-    ssl_ciphers: str | None = _opt(None, str)
-    ssl_minimum_version: str = _opt("default", _choice("default", "tlsv1_1", "tlsv1_2", "tlsv1_3"))
+    allowed_origins: tuple[str, ...] = opt((), each(str))
+    ssl_ciphers: str | None = opt(None, str)
+    ssl_minimum_version: str = opt("default", choice("default", "tlsv1_1", "tlsv1_2", "tlsv1_3"))
 
 
 @dataclass(frozen=True, slots=True)
 class VncSettings:
     """[vnc], with nova's removed xvpvncproxy_* names kept as fallbacks."""
 
-    enabled: bool = _opt(True, _boolean)
-    novncproxy_host: str = _opt("0.0.0.0", str)
-    novncproxy_port: int = _opt(6080, _port)
-    novncproxy_base_url: str = _opt("http://127.0.0.1:6080/vnc_auto.html", str)
-    auth_schemes: tuple[str, ...] = _opt(
-        ("none",), _each(_choice("none", "vencrypt"), at_least_one=True)
+    enabled: bool = opt(True, boolean)
+    novncproxy_host: str = opt("0.0.0.0", str)
+    novncproxy_port: int = opt(6080, port)
+    novncproxy_base_url: str = opt("http://127.0.0.1:6080/vnc_auto.html", str)
+    auth_schemes: tuple[str, ...] = opt(
+        ("none",), each(choice("none", "vencrypt"), at_least_one=True)
     )
-    vencrypt_client_key: str | None = _opt(None, str)
-    vencrypt_client_cert: str | None = _opt(None, str)
-    vencrypt_ca_certs: str | None = _opt(None, str)
-    xvpvncproxy_host: str | None = _opt(None, str)
-    xvpvncproxy_port: int | None = _opt(None, _port)
-    xvpvncproxy_base_url: str | None = _opt(None, str)
+    vencrypt_client_key: str | None = opt(None, str)
+    vencrypt_client_cert: str | None = opt(None, str)
+    vencrypt_ca_certs: str | None = opt(None, str)
+    xvpvncproxy_host: str | None = opt(None, str)
+    xvpvncproxy_port: int | None = opt(None, port)
+    xvpvncproxy_base_url: str | None = opt(None, str)
 
 
 @dataclass(frozen=True, slots=True)
 class SerialConsoleSettings:
     """[serial_console]: port_range is read from 'low:high'."""
 
-    enabled: bool = _opt(False, _boolean)
-    serialproxy_host: str = _opt("0.0.0.0", str)
-    serialproxy_port: int = _opt(6083, _port)
-    base_url: str = _opt("ws://127.0.0.1:6083/", str)
-    port_range: tuple[int, int] = _opt((10000, 20000), _port_range)
+    enabled: bool = opt(False, boolean)
+    serialproxy_host: str = opt("0.0.0.0", str)
+    serialproxy_port: int = opt(6083, port)
+    base_url: str = opt("ws://127.0.0.1:6083/", str)
+    port_range: tuple[int, int] = opt((10000, 20000), port_range)
 
 
 @dataclass(frozen=True, slots=True)
 class SpiceSettings:
     """[spice]"""
 
-    enabled: bool = _opt(False, _boolean)
-    html5proxy_host: str = _opt("0.0.0.0", str)
-    html5proxy_port: int = _opt(6082, _port)
-    html5proxy_base_url: str = _opt("http://127.0.0.1:6082/spice_auto.html", str)
+    enabled: bool = opt(False, boolean)
+    html5proxy_host: str = opt("0.0.0.0", str)
+    html5proxy_port: int = opt(6082, port)
+    html5proxy_base_url: str = opt("http://127.0.0.1:6082/spice_auto.html", str)
 
 
 @dataclass(frozen=True, slots=True)
 class MksSettings:
     """[mks]"""
 
-    enabled: bool = _opt(False, _boolean)
-    mksproxy_base_url: str = _opt("http://127.0.0.1:6090/", str)
+    enabled: bool = opt(False, boolean)
+    mksproxy_base_url: str = opt("http://127.0.0.1:6090/", str)
 
 
 @dataclass(frozen=True, slots=True)
 class DefaultSettings:
     """[DEFAULT]: the websockify-era TLS and web options nova keeps here."""
 
-    ssl_only: bool = _opt(False, _boolean)
-    cert: str = _opt("self.pem", str)
-    key: str | None = _opt(None, str)
-    web: str = _opt("/usr/share/novnc", str)
-    record: str | None = _opt(None, str)
-    source_is_ipv6: bool = _opt(False, _boolean)
-    debug: bool = _opt(False, _boolean)
-    state_path: str | None = _opt(None, str)
+    ssl_only: bool = opt(False, boolean)
+    cert: str = opt("self.pem", str)
+    key: str | None = opt(None, str)
+    web: str = opt("/usr/share/novnc", str)
+    record: str | None = opt(None, str)
+    source_is_ipv6: bool = opt(False, boolean)
+    debug: bool = opt(False, boolean)
+    state_path: str | None = opt(None, str)
 
     def __post_init__(self) -> None:
         # Only that a certificate is named: whether it exists is the TLS layer's job.
@@ -279,7 +165,7 @@ class DefaultSettings:
 class WorkaroundsSettings:
     """[workarounds]"""
 
-    enable_consoleauth: bool = _opt(False, _boolean)
+    enable_consoleauth: bool = opt(False, boolean)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,39 +177,39 @@ class ConsoledSettings:
     the Settings.*_door_enabled properties).
     """
 
-    proxy_name: str | None = _opt(None, str)
-    db_threads: int = _opt(4, _integer(1, 64))
-    token_clean_interval: float = _opt(300.0, _seconds())
-    token_clean_batch: int = _opt(500, _integer(1))
-    token_ttl_by_type: tuple[tuple[str, int], ...] = _opt((), _ttl_by_type)
-    novnc_enabled: bool | None = _opt(None, _boolean)
-    spice_enabled: bool | None = _opt(None, _boolean)
-    serial_enabled: bool | None = _opt(None, _boolean)
-    spice_web: str = _opt("/usr/share/spice-html5", str)
-    serial_web: str | None = _opt(None, str)
-    xterm_dir: str = _opt("node_modules/@xterm/xterm", str)
-    trusted_proxies: tuple[IPNetwork, ...] = _opt((), _networks)
-    connect_timeout: float = _opt(10.0, _seconds())
-    admission_timeout: float = _opt(10.0, _seconds())
-    ping_interval: float = _opt(25.0, _seconds(zero_ok=True))
-    idle_timeout: float = _opt(0.0, _seconds(zero_ok=True))
-    handshake_timeout: float = _opt(30.0, _seconds())
-    xvp_enabled: bool = _opt(True, _boolean)
-    xvp_host: str = _opt("0.0.0.0", str)
-    xvp_port: int = _opt(6081, _port)
-    xvp_base_url: str = _opt("http://127.0.0.1:6081/console", str)
-    xvp_request_timeout: float = _opt(15.0, _seconds())
-    serial_tcp_enabled: bool = _opt(False, _boolean)
-    serial_tcp_host: str = _opt("0.0.0.0", str)
-    serial_tcp_port: int = _opt(6084, _port)
-    serial_prompt_timeout: float = _opt(60.0, _seconds())
-    serial_spectators: bool = _opt(False, _boolean)
-    touch_interval: float = _opt(10.0, _seconds())
-    lease_seconds: float = _opt(30.0, _seconds())
-    record_dir: str | None = _opt(None, str)
-    record_max_bytes: int = _opt(10_000_000, _integer(1))
-    record_max_files: int = _opt(5, _integer(1))
-    workers: int = _opt(1, _integer(1, 64))
+    proxy_name: str | None = opt(None, str)
+    db_threads: int = opt(4, integer(1, 64))
+    token_clean_interval: float = opt(300.0, seconds())
+    token_clean_batch: int = opt(500, integer(1))
+    token_ttl_by_type: tuple[tuple[str, int], ...] = opt((), ttl_by_type)
+    novnc_enabled: bool | None = opt(None, boolean)
+    spice_enabled: bool | None = opt(None, boolean)
+    serial_enabled: bool | None = opt(None, boolean)
+    spice_web: str = opt("/usr/share/spice-html5", str)
+    serial_web: str | None = opt(None, str)
+    xterm_dir: str = opt("node_modules/@xterm/xterm", str)
+    trusted_proxies: tuple[IPNetwork, ...] = opt((), networks)
+    connect_timeout: float = opt(10.0, seconds())
+    admission_timeout: float = opt(10.0, seconds())
+    ping_interval: float = opt(25.0, seconds(zero_ok=True))
+    idle_timeout: float = opt(0.0, seconds(zero_ok=True))
+    handshake_timeout: float = opt(30.0, seconds())
+    xvp_enabled: bool = opt(True, boolean)
+    xvp_host: str = opt("0.0.0.0", str)
+    xvp_port: int = opt(6081, port)
+    xvp_base_url: str = opt("http://127.0.0.1:6081/console", str)
+    xvp_request_timeout: float = opt(15.0, seconds())
+    serial_tcp_enabled: bool = opt(False, boolean)
+    serial_tcp_host: str = opt("0.0.0.0", str)
+    serial_tcp_port: int = opt(6084, port)
+    serial_prompt_timeout: float = opt(60.0, seconds())
+    serial_spectators: bool = opt(False, boolean)
+    touch_interval: float = opt(10.0, seconds())
+    lease_seconds: float = opt(30.0, seconds())
+    record_dir: str | None = opt(None, str)
+    record_max_bytes: int = opt(10_000_000, integer(1))
+    record_max_files: int = opt(5, integer(1))
+    workers: int = opt(1, integer(1, 64))
 
     def __post_init__(self) -> None:
         # A lease renewed no more often than it lasts would lapse between touches.
