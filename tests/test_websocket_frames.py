@@ -199,3 +199,17 @@ class FastPathTests(SynchronousTestCase):
         self.assertEqual(relay.messages, messages)
         self.assertEqual(server_frames(transport.value()), [(10, p) for p in pongs])
         self.assertEqual(relay.lost, [])
+
+
+class AutobahnUntouchedTests(SynchronousTestCase):
+    def test_pformat_not_patched(self) -> None:
+        """The door leaves Autobahn's module alone (its pformat was once patched process-wide)
+        and still spares the per-connection option dump: its protocols copy the options."""
+        import pprint
+
+        from autobahn.websocket import protocol as autobahn_protocol
+
+        self.assertIs(autobahn_protocol.pformat, pprint.pformat)
+        protocol, _, _ = open_session()
+        self.assertEqual(protocol.CONFIG_ATTRS, ())
+        self.assertEqual(protocol.maxMessagePayloadSize, MAX_MESSAGE)
