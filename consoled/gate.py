@@ -255,7 +255,7 @@ def _hashed(token: str | None) -> str:
 
 
 def _store_failed(failure: Failure, prefix: str) -> None:
-    log.failure("the token store is unavailable", failure)
+    log.failure("the console store is unavailable", failure)
     raise Refusal(Kind.STORE_UNAVAILABLE, hash_prefix=prefix)
 
 
