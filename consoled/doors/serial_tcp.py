@@ -27,6 +27,7 @@ from typing import Any
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from consoled.doors.escape import HELP, EscapeReader
 from consoled.doors.stream import GatedStream
 from consoled.doors.telnet import CR, LF, NUL, OFFER, TelnetCodec
 from consoled.endings import Ending, Kind, Refusal
@@ -36,7 +37,6 @@ from consoled.sessions.relay import write_now
 log = Logger()
 
 DOOR = "serial-tcp"
-ESCAPE = 0x1D  # Ctrl-]
 BACKSPACES = (0x08, 0x7F)
 QUITS = (0x03, 0x04)  # Ctrl-C, Ctrl-D leave the prompt: socat raw has no other way out
 
@@ -47,14 +47,6 @@ MAX_TRIES = 3
 MAX_EARLY = 4 * 1024
 #: Refusals after which the user may type another token; any other ends the connection.
 RETRY = frozenset({Kind.NO_TOKEN, Kind.INVALID_TOKEN, Kind.WRONG_CONSOLE_TYPE, Kind.BAD_REQUEST})
-HELP = (
-    "\r\n{proxy}: escape commands, typed after Ctrl-]:\r\n"
-    "  . or q   disconnect\r\n"
-    "  w        who uses this console\r\n"
-    "  ?        this help\r\n"
-    "  Ctrl-]   send one Ctrl-] to the console\r\n"
-    "  anything else goes to the console, after its Ctrl-]\r\n"
-)
 
 
 class SerialTCPProtocol(GatedStream):
@@ -82,7 +74,7 @@ class SerialTCPProtocol(GatedStream):
         self._early: list[bytes] = []
         self._early_size = 0
         self._ready = False
-        self._escaped = False
+        self._escape = EscapeReader(self._forward, self._escape_command)
         self.wait(self.factory.prompt_timeout, self._timed_out)
         self.transport.write(OFFER + BANNER + PROMPT)
 
@@ -116,7 +108,7 @@ class SerialTCPProtocol(GatedStream):
         if not data or self.state == "closed":
             return
         if self.relay is not None:
-            self._relay_input(data)
+            self._escape.feed(data)
         else:
             self._early.append(data)
             self._early_size += len(data)
@@ -207,30 +199,9 @@ class SerialTCPProtocol(GatedStream):
 
     # -- the session --------------------------------------------------------
 
-    def _relay_input(self, data: bytes) -> None:
-        """The escape, Ctrl-] and one more byte, even across chunks; the rest goes on."""
-        out = bytearray()
-        at = 0
-        if self._escaped:
-            self._escaped, at = False, 1
-            if not self._escape_command(data[0], out):
-                return
-        while (found := data.find(b"\x1d", at)) >= 0:
-            out += data[at:found]
-            if found + 1 == len(data):
-                self._escaped = True
-                break
-            at = found + 2
-            if not self._escape_command(data[found + 1], out):
-                return
-        else:
-            out += data[at:]
-        self._forward(bytes(out))
-
-    def _escape_command(self, byte: int, out: bytearray) -> bool:
+    def _escape_command(self, byte: int) -> bool:
         """Act on Ctrl-] then ``byte``; False once the user has left."""
         if byte in b".q":
-            self._forward(bytes(out))
             self.state = "closed"
             self.transport.write(b"\r\ndisconnected\r\n")
             self.transport.loseConnection()
@@ -240,10 +211,8 @@ class SerialTCPProtocol(GatedStream):
         if byte == ord("w"):
             who = self._pass.who() if self._pass is not None else "nobody"
             self.transport.write(f"\r\n{who}\r\n".encode())
-        elif byte == ord("?"):
-            self.transport.write(HELP.format(proxy=self.factory.proxy_name).encode())
         else:
-            out += b"\x1d" if byte == ESCAPE else bytes([ESCAPE, byte])
+            self.transport.write(HELP.format(proxy=self.factory.proxy_name).encode())
         return True
 
     def _forward(self, data: bytes) -> None:
