@@ -30,12 +30,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from consoled.doors.answers import empty_response
-from consoled.doors.frames import MAX_MESSAGE, MIN_EXTENDED, binary_header, unmask
+from consoled.doors.frames import MAX_MESSAGE, FastFrames
 from consoled.endings import ANSWERS, Ending, Kind, Refusal
 from consoled.gate import Endpoint, Facts, Gate, Pass
 from consoled.policy import token_from
 from consoled.redaction import redact
-from consoled.sessions.relay import TransportClientSide, write_now
+from consoled.sessions.relay import TransportClientSide
 
 log = Logger()
 
@@ -52,7 +52,7 @@ class Door:
     gate: Gate
 
 
-class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
+class ConsoleServerProtocol(TransportClientSide, FastFrames, WebSocketServerProtocol):
     """One user's websocket; a thin adapter between Autobahn and the gate."""
 
     factory: ConsoleServerFactory
@@ -158,66 +158,6 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
             log.failure("could not start a session")
             self.close(Ending(Kind.INTERNAL))
 
-    def dataReceived(self, data: bytes) -> None:
-        """Relay whole unfragmented binary frames here; Autobahn parses the rest.
-
-        Autobahn walks every frame through a dozen callbacks (frame begin,
-        data, end, message begin, data, end) before ``onMessage``: most of
-        what a keystroke costs in consoled.  What browsers send a console is
-        one masked binary frame per message, so between frames, with nothing
-        buffered in Autobahn, those are unmasked and relayed here.  Anything
-        else (control and text frames, fragments, a frame split across reads,
-        reserved bits, an unmasked or oversized frame) and everything after it
-        in this read goes to Autobahn, which answers as the RFC says.
-
-        Autobahn's own ``dataReceived`` is never called: its Twisted adapter
-        builds a debug line there on every read, on or off (the caller's
-        qualified name, looked up and coloured), about a tenth of what a
-        keystroke costs consoled.
-        """
-        if self.relay is None or self.state != self.STATE_OPEN or self.data or self.inside_message:
-            super()._dataReceived(data)
-            return
-        taken = 0
-        try:
-            taken = self._take_frames(data)
-        except Exception:
-            log.failure("relaying a frame from the user failed")
-            self.close(Ending(Kind.INTERNAL))
-            return
-        if taken < len(data):
-            super()._dataReceived(data[taken:] if taken else data)
-
-    def _take_frames(self, data: bytes) -> int:
-        """Relay the complete binary frames at the start of ``data``; how far it got."""
-        end = len(data)
-        at = 0
-        while self.state == self.STATE_OPEN and self.relay is not None:
-            if end - at < 6 or data[at] != 0x82:  # FIN, binary, no reserved bits
-                break
-            size = data[at + 1] ^ 0x80  # the mask bit must be set
-            start = at + 6
-            if size >= 126:
-                if size == 126:
-                    start = at + 8
-                    size = int.from_bytes(data[at + 2 : at + 4], "big")
-                elif size == 127:
-                    start = at + 14
-                    size = int.from_bytes(data[at + 2 : at + 10], "big")
-                else:  # unmasked: a protocol error Autobahn reports
-                    break
-                if not MIN_EXTENDED[start - at] <= size <= MAX_MESSAGE or start > end:
-                    break  # over-long length encoding, or too big: Autobahn closes
-            stop = start + size
-            if stop > end:
-                break
-            payload = unmask(data[start:stop], data[start - 4 : start])
-            at = stop
-            self.relay.from_client(payload)
-        if at and self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-            self._cancelAutoPingTimeoutCall()
-        return at
-
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.relay is not None:
             self.relay.from_client(payload)
@@ -239,17 +179,6 @@ class ConsoleServerProtocol(TransportClientSide, WebSocketServerProtocol):
         # the hypervisor around every 64 KiB read plus its frame header.
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = USER_WRITE_BUFFER
-
-    def send(self, data: bytes) -> None:
-        """One unmasked binary frame per chunk, written without copying the payload.
-
-        Autobahn's sendMessage costs more per message than the bytes cost to
-        move; a server's data frame is just a header in front of the payload
-        (no masking, no extensions negotiated here).
-        """
-        if self.state != self.STATE_OPEN:
-            return
-        write_now(self.transport, data, binary_header(len(data)))
 
     def close(self, ending: Ending) -> None:
         code = ANSWERS[ending.kind].close
