@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from dataclasses import astuple, dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -67,6 +68,26 @@ class SharedPortEndpoint:
             sock.close()  # adoptStreamPort keeps its own duplicate of the descriptor
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a door listens, as the operator names it: a group and two options."""
+
+    group: str
+    host_option: str
+    port_option: str
+
+    def read(self, settings: Settings) -> tuple[str, int]:
+        section = getattr(settings, self.group)
+        return getattr(section, self.host_option), getattr(section, self.port_option)
+
+
+NOVNC = Place("vnc", "novncproxy_host", "novncproxy_port")
+SPICE = Place("spice", "html5proxy_host", "html5proxy_port")
+SERIAL = Place("serial_console", "serialproxy_host", "serialproxy_port")
+XVP = Place("consoled", "xvp_host", "xvp_port")
+SERIAL_TCP = Place("consoled", "serial_tcp_host", "serial_tcp_port")
+
+
 class DoorRefused(SystemExit, Exception):
     """A door cannot listen; the message is one line for the operator.
 
@@ -88,20 +109,18 @@ class DoorService(Service):
     ends at once instead of half-serving.
     """
 
-    #: door name -> (group, host option, port option) behind its listener.
-    OPTIONS = {
-        "novnc": ("vnc", "novncproxy_host", "novncproxy_port"),
-        "spice": ("spice", "html5proxy_host", "html5proxy_port"),
-        "serial": ("serial_console", "serialproxy_host", "serialproxy_port"),
-        "xvp": ("consoled", "xvp_host", "xvp_port"),
-        "serial-tcp": ("consoled", "serial_tcp_host", "serial_tcp_port"),
-    }
-
     def __init__(
-        self, name: str, description: str, endpoint: Any, factory: IProtocolFactory
+        self,
+        name: str,
+        description: str,
+        endpoint: Any,
+        factory: IProtocolFactory,
+        place: Place,
     ) -> None:
         self.setName(name)
         self.description = description
+        #: the options behind the listener, named when it cannot bind
+        self.place = place
         self.endpoint = endpoint
         self.factory = factory
         self.port: IListeningPort | None = None
@@ -146,7 +165,7 @@ class DoorService(Service):
 
     def refusal(self, error: CannotListenError) -> str:
         """One line for an operator: the door, its options, the cause and the remedy."""
-        group, host_option, port_option = self.OPTIONS.get(self.name, (self.name, "host", "port"))
+        group, host_option, port_option = astuple(self.place)
         cause = error.socketError
         code = getattr(cause, "errno", None)
         reason = getattr(cause, "strerror", None) or str(cause)
@@ -192,8 +211,7 @@ class CertificateReloader(Service):
 def door(
     name: str,
     description: str,
-    host: str,
-    port: int,
+    place: Place,
     factory: IProtocolFactory,
     *,
     settings: Settings,
@@ -202,10 +220,11 @@ def door(
     reactor: Any,
     alpn: tuple[bytes, ...] = (),
 ) -> DoorService:
-    """A listener on host:port serving ``factory``, behind TLS as configured.
+    """A listener where ``place``'s options say, serving ``factory``, behind TLS as configured.
 
     ``alpn``: the protocols its TLS may select from a client's ALPN list.
     """
+    host, port = place.read(settings)
     if settings.consoled.workers > 1:
         endpoint: Any = SharedPortEndpoint(reactor, host, port)
     else:
@@ -218,7 +237,7 @@ def door(
         first_byte_timeout=first_byte_timeout,
         alpn=alpn,
     )
-    return DoorService(name, description, endpoint, wrapped)
+    return DoorService(name, description, endpoint, wrapped, place)
 
 
 def websocket_doors(
@@ -229,33 +248,16 @@ def websocket_doors(
 ) -> list[DoorService]:
     """The noVNC, spice-html5 and serial doors that the settings enable."""
     c = settings.consoled
-    plan = []
+    plan: list[tuple[str, Place, str | None, dict[bytes, str]]] = []
     if settings.novnc_door_enabled:
-        plan.append(
-            (
-                "novnc",
-                settings.vnc.novncproxy_host,
-                settings.vnc.novncproxy_port,
-                settings.default.web,
-                {},
-            )
-        )
+        plan.append(("novnc", NOVNC, settings.default.web, {}))
     if settings.spice_door_enabled:
-        plan.append(
-            (
-                "spice",
-                settings.spice.html5proxy_host,
-                settings.spice.html5proxy_port,
-                c.spice_web,
-                {},
-            )
-        )
+        plan.append(("spice", SPICE, c.spice_web, {}))
     if settings.serial_door_enabled:
         plan.append(
             (
                 "serial",
-                settings.serial_console.serialproxy_host,
-                settings.serial_console.serialproxy_port,
+                SERIAL,
                 c.serial_web or PACKAGED_WEB,
                 {
                     b"xterm": c.xterm_dir,
@@ -264,7 +266,7 @@ def websocket_doors(
             )
         )
     doors = []
-    for name, host, port, web_dir, extra in plan:
+    for name, place, web_dir, extra in plan:
         factory = ConsoleServerFactory(Door(name, gate), ping_interval=c.ping_interval)
         site = DoorFactory(
             door_site(web_dir, extra=extra, timeout=c.handshake_timeout),
@@ -276,8 +278,7 @@ def websocket_doors(
             door(
                 name,
                 f"websocket {name}",
-                host,
-                port,
+                place,
                 site,
                 settings=settings,
                 tls=tls,
@@ -304,8 +305,7 @@ def xvp_doors(
         door(
             "xvp",
             "XVP (HTTP CONNECT)",
-            c.xvp_host,
-            c.xvp_port,
+            XVP,
             factory,
             settings=settings,
             tls=tls,
@@ -336,8 +336,7 @@ def serial_tcp_doors(
         door(
             "serial-tcp",
             "raw TCP serial",
-            c.serial_tcp_host,
-            c.serial_tcp_port,
+            SERIAL_TCP,
             factory,
             settings=settings,
             tls=tls if settings.default.ssl_only else None,

@@ -26,7 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from consoled.listeners import DoorService
+from consoled.listeners import NOVNC, XVP, DoorService
 from consoled.store import schema
 from consoled.store.engine import CONNECT_TIMEOUT, make_engine
 from tests.daemon import START_TIMEOUT, Twistd, spawn_consoled, write_config
@@ -54,9 +54,9 @@ class DoorRefusalTests(SynchronousTestCase):
     def doors(self, code: int) -> tuple[MultiService, DoorService, DoorService]:
         top = MultiService()
         bound = DoorService(
-            "novnc", "websocket novnc", serverFromString(MemoryReactor(), "tcp:0"), Factory()
+            "novnc", "websocket novnc", serverFromString(MemoryReactor(), "tcp:0"), Factory(), NOVNC
         )
-        taken = DoorService("xvp", "XVP", _failing_endpoint(6081, code), Factory())
+        taken = DoorService("xvp", "XVP", _failing_endpoint(6081, code), Factory(), XVP)
         bound.setServiceParent(top)
         taken.setServiceParent(top)
         return top, bound, taken
@@ -85,7 +85,9 @@ class DoorRefusalTests(SynchronousTestCase):
     def test_bound_early_door_listens_once_started(self) -> None:
         """A door bound in privilegedStartService keeps that port in startService (no second bind)."""
         memory = MemoryReactor()
-        door = DoorService("novnc", "websocket novnc", serverFromString(memory, "tcp:0"), Factory())
+        door = DoorService(
+            "novnc", "websocket novnc", serverFromString(memory, "tcp:0"), Factory(), NOVNC
+        )
         door.privilegedStartService()
         first = door.port
         door.startService()
