@@ -145,33 +145,23 @@ class GateTests(SynchronousTestCase):
 
     def test_store_too_slow(self) -> None:
         """No answer within the timeout: STORE_UNAVAILABLE then; a late row is ignored."""
-        late: defer.Deferred[Any] = defer.Deferred()
-
-        class Slow:
-            def find_token(self, token_hash: str) -> defer.Deferred[Any]:
-                return late
-
-        d = self.make_gate(Slow()).admit("novnc", "t", BROWSER)
+        slow = _Slow()
+        d = self.make_gate(slow).admit("novnc", "t", BROWSER)
         self.assertNoResult(d)
         self.core.reactor.advance(10)
         refusal = self.refusal(d)
         self.assertEqual(str(refusal.ending), "token store unavailable: no answer within 10s")
-        late.callback(None)
+        slow.late.callback(None)
         self.assertEqual(self.core.reactor.getDelayedCalls(), [])
 
     def test_cancel_leaves_no_timer(self) -> None:
         """A client leaving mid-admission cancels it: CancelledError, and the deadline is gone."""
-        late: defer.Deferred[Any] = defer.Deferred()
-
-        class Slow:
-            def find_token(self, token_hash: str) -> defer.Deferred[Any]:
-                return late
-
-        d = self.make_gate(Slow()).admit("novnc", "t", BROWSER)
+        slow = _Slow()
+        d = self.make_gate(slow).admit("novnc", "t", BROWSER)
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
         self.assertEqual(self.core.reactor.getDelayedCalls(), [])
-        late.callback(None)  # the look-up ends later: nothing more happens
+        slow.late.callback(None)  # the look-up ends later: nothing more happens
 
     def test_forwarded_for_only_from_trusted(self) -> None:
         """X-Forwarded-For names the client only when the peer is a trusted proxy."""
@@ -244,6 +234,16 @@ class SerialGateTests(GateTests):
         self.assertEqual(spectator_client.transport.value().count(b"read-only"), 1)
         self.assertIn("watching: 192.0.2.7", seat.who())
 
+    def test_start_while_shutting_down(self) -> None:
+        """A pass started after shut-down began: told so, lease given back, nothing to wait for."""
+        admitted = self.successResultOf(self.admit())
+        self.successResultOf(self.core.sessions.stopService())
+        client = Client()
+        admitted.start(client)
+        self.assertEqual([e.kind for e in client.endings], [Kind.SHUTDOWN])
+        self.successResultOf(self.core.sessions.settled())
+        self.assertEqual(self.core.left_behind(), (0, 0))
+
     def test_cancel_gives_the_lease_back(self) -> None:
         """A client gone before its admission settles: the row and lease taken are given back."""
         answers: list[tuple[defer.Deferred[Any], Any]] = []
@@ -270,3 +270,13 @@ class _Backend:
 
     def attach(self, relay: Relay) -> None:
         pass
+
+
+class _Slow:
+    """A store whose one look-up answers only when the test fires ``late``."""
+
+    def __init__(self) -> None:
+        self.late: defer.Deferred[Any] = defer.Deferred()
+
+    def find_token(self, token_hash: str) -> defer.Deferred[Any]:
+        return self.late

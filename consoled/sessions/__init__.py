@@ -206,12 +206,12 @@ class Sessions(Seats, Service):
             deadline=deadline,
         )
         session.relay = relay
-        self.live.add(session)
-        if not self.running:
+        if not self.running:  # shutting down: no row, no connection, nothing to wait for
             if admission is not None:
                 self.release(admission, Ending(Kind.SHUTDOWN).kind.value)
             relay.end(Ending(Kind.SHUTDOWN))
             return relay
+        self.live.add(session)
         if admission is not None:
             self._admitted(admission, session)
         else:
