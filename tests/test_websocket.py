@@ -158,6 +158,22 @@ class RefusalTests(TestCase):
             self.assertEqual((headers[b"content-length"], body), (b"0", b""))
 
     @defer.inlineCallbacks
+    def test_one_line_per_refusal(self) -> Any:
+        """A refused upgrade, the gate's or Autobahn's, is one info line: no warning beside it."""
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        yield http_request(self.port, upgrade_request("/?token=0b1c"))
+        yield http_request(self.port, upgrade_request("/?token=0b1c", key=False))
+        refused = [e for e in events if "refused" in e.get("log_format", "")]
+        self.assertEqual(len(refused), 2, refused)
+        loud = [e for e in events if e["log_level"] >= LogLevel.warn]
+        self.assertEqual(loud, [])
+
+    @defer.inlineCallbacks
     def test_explained_refusal(self) -> Any:
         """Asked with ``explain``, a refusal is the upgrade and then its close code and reason."""
         issued = yield self.consoled.authorize("spice-html5", "127.0.0.1", 1)

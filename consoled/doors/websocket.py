@@ -139,7 +139,9 @@ class ConsoleServerProtocol(TransportClientSide, FastFrames, WebSocketServerProt
                 client=self.client_address,
                 reason=reason,
             )
-        self.wasNotCleanReason = redact(reason)
+        # Answered in full and logged once: Autobahn drops the connection
+        # quietly (an unclean drop is a warning line per refused token).
+        self.wasClean = True
         self.sendData(empty_response(code))
         self.dropConnection(abort=False)
 
