@@ -25,6 +25,8 @@ class Kind(enum.Enum):
     BACKEND_UNREACHABLE = "console unreachable"
     BACKEND_TIMEOUT = "console did not answer in time"
     BACKEND_REFUSED = "console refused the connection"
+    BACKEND_INSECURE = "console offers no security type allowed"
+    BACKEND_TLS = "TLS with the console failed"
     BACKEND_CLOSED = "console closed the connection"
     CLIENT_CLOSED = "client closed the connection"
     IDLE = "idle timeout"
@@ -75,6 +77,8 @@ ANSWERS: dict[Kind, Answer] = {
     Kind.BACKEND_UNREACHABLE: Answer(502, 4502),
     Kind.BACKEND_TIMEOUT: Answer(504, 4504),
     Kind.BACKEND_REFUSED: Answer(502, 4506),
+    Kind.BACKEND_INSECURE: Answer(502, 4507),
+    Kind.BACKEND_TLS: Answer(502, 4508),
     Kind.BACKEND_CLOSED: Answer(502, 1000),
     Kind.CLIENT_CLOSED: Answer(400, 1000),
     Kind.IDLE: Answer(408, 4408),

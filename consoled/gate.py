@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from consoled.backends import Connector, connector_for
+from consoled.backends import Backends, Connector
 from consoled.endings import Ending, Kind, Refusal
 from consoled.policy import Network, check_console_type, check_origin, is_trusted
 from consoled.sessions import LEASED_TYPES, Admission, Sessions
@@ -92,6 +92,7 @@ class Pass:
         client_address: str,
         admission: Admission | None = None,
         seat: bool = False,
+        connector: Connector | None = None,
     ) -> None:
         self.info = info
         self.door = door
@@ -100,7 +101,7 @@ class Pass:
         self.admission = admission
         #: admitted read-only beside this proxy's writer of the same console
         self.seat = seat
-        self.connector: Connector = connector_for(info)
+        self.connector: Connector = connector or Backends().connector_for(info)
         self._sessions = sessions
         self._used = False
 
@@ -142,8 +143,10 @@ class Gate:
         timeout: float,
         allowed_origins: Iterable[str] = (),
         trusted_proxies: Iterable[Network] = (),
+        backends: Backends | None = None,
     ) -> None:
         self._store = store
+        self._backends = backends or Backends()
         self._sessions = sessions
         self._clock = clock
         self._timeout = timeout
@@ -217,7 +220,9 @@ class Gate:
             trusted_proxies=self._trusted_proxies,
         )
         if info.console_type not in LEASED_TYPES:
-            return Pass(self._sessions, door, info, address)
+            return Pass(
+                self._sessions, door, info, address, connector=self._backends.connector_for(info)
+            )
 
         def seat(failure: Failure) -> Pass | Failure:
             # A held port: a seat beside its writer, where this proxy has one and allows it.

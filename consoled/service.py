@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from consoled import malloc
+from consoled.backends import Backends
 from consoled.config import ConfigError, Settings, load_settings
 from consoled.gate import Gate
 from consoled.listeners import CertificateReloader, serial_tcp_doors, websocket_doors, xvp_doors
@@ -251,6 +252,7 @@ def compose(
     if not worker:  # the cell-wide sweeps run in the first process only
         _sweeps(settings, store, clock).setServiceParent(top)
     tls = server_tls_from_settings(settings)
+    backends = Backends.from_settings(settings)
     if tls is not None:
         CertificateReloader(tls, reactor).setServiceParent(top)
     gate = Gate(
@@ -260,6 +262,7 @@ def compose(
         timeout=settings.consoled.admission_timeout,
         allowed_origins=settings.console.allowed_origins,
         trusted_proxies=settings.consoled.trusted_proxies,
+        backends=backends,
     )
     for door in websocket_doors(settings, gate, reactor, tls):
         door.setServiceParent(top)

@@ -180,6 +180,45 @@ def load_options(
     return options
 
 
+def client_options(
+    *, ca: str | None, cert: str | None = None, key: str | None = None, option: str
+) -> CertificateOptions:
+    """TLS towards a console server, from PEM files, or TLSError naming ``option``.
+
+    With ``ca`` the server's chain must verify against it (no host name check:
+    consoles are reached by address, as nova does); without it nothing is
+    verified here and the connector must pin the peer itself (authd's
+    thumbprints).  ``cert``/``key`` are the client certificate the server may
+    ask for (VeNCrypt x509 with verify-peer).
+    """
+    kwargs: dict[str, Any] = {}
+    try:
+        if cert:
+            cert_data = _read(cert, "certificate")
+            chain = _certificates(cert, cert_data)
+            key_file = key or cert
+            private = _private_key(key_file, _read(key_file, "key") if key else cert_data)
+            if private.public_key() != chain[0].public_key():
+                raise TLSError(f"TLS key in {key_file} does not match the certificate in {cert}")
+            kwargs.update(
+                privateKey=crypto.PKey.from_cryptography_key(private),
+                certificate=crypto.X509.from_cryptography(chain[0]),
+                extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+            )
+        if ca:
+            authorities = _certificates(ca, _read(ca, "CA bundle"))
+            kwargs.update(
+                verify=True, caCerts=[crypto.X509.from_cryptography(c) for c in authorities]
+            )
+        options = CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2, **kwargs)
+        options.getContext()
+    except TLSError as e:
+        raise TLSError(f"{option}: {e}") from None
+    except (ValueError, SSL.Error) as e:
+        raise TLSError(f"{option}: not usable: {e}") from None
+    return options
+
+
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
 class ReloadableServerTLS:
     """Server TLS whose certificate can be re-read while the daemon runs.

@@ -2,21 +2,30 @@
 
 A connector is ``connector(reactor, info, timeout=…) -> Deferred[BackendProtocol]``:
 it fires once the console is ready to relay, or fails with a Refusal whose
-kind says why (unreachable, timed out, refused).  No connector knows which
-door its user came through.
+kind says why (unreachable, timed out, refused, insecure, TLS failed).  No
+connector knows which door its user came through.
 
 - ``plain_tcp``: TCP to ``host:port``;
 - ``xvp_connect``: TCP, then ``CONNECT internal_access_path`` (XenServer style),
-  when the row carries an ``internal_access_path``.
+  when the row carries an ``internal_access_path``;
+- ``rfb``: the RFB security proxy (``consoled.backends.rfb``) for ``novnc``
+  and ``xvpvnc`` rows when ``[vnc] auth_schemes`` lists ``vencrypt``, over
+  either of the above.
+
+:class:`Backends` holds what the connectors need from the configuration
+(TLS material loaded once, at start-up) and picks one per row.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.internet import defer
 
+from consoled.backends.rfb import RFB_CONSOLE_TYPES, RfbSecurity, connect_rfb
 from consoled.backends.tcp import BackendProtocol, connect_backend
+from consoled.config import Settings
 from consoled.tokens import ConnectInfo
 
 
@@ -40,6 +49,25 @@ def xvp_connect(
     )
 
 
+class Backends:
+    """The connectors of one proxy, with what they need from its configuration."""
+
+    def __init__(self, *, rfb: RfbSecurity | None = None) -> None:
+        #: the RFB security proxy, when [vnc] auth_schemes asks for one
+        self.rfb = rfb
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Backends:
+        """Loads the connectors' TLS material; TLSError (one line) if a file is bad."""
+        return cls(rfb=RfbSecurity.from_settings(settings.vnc))
+
+    def connector_for(self, info: ConnectInfo) -> Connector:
+        """The connector a token row asks for."""
+        if self.rfb is not None and info.console_type in RFB_CONSOLE_TYPES:
+            return partial(connect_rfb, self.rfb)
+        return xvp_connect if info.internal_access_path else plain_tcp
+
+
 def connector_for(info: ConnectInfo) -> Connector:
-    """The connector a token row asks for."""
-    return xvp_connect if info.internal_access_path else plain_tcp
+    """The connector a token row asks for, with no configuration (tests, tools)."""
+    return Backends().connector_for(info)

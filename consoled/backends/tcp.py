@@ -5,17 +5,29 @@ connection first sends ``CONNECT <path> HTTP/1.1\\r\\n\\r\\n`` and expects a
 ``200`` status line; the answer's headers end with a blank line and any
 bytes after it are console data, kept and relayed first.  Any other status
 refuses the session (nova's old check let non-200 answers through).
+
+A connector whose console must be spoken to before relaying (an RFB
+security handshake, TLS, an authd exchange) gives a :class:`Handshake`: it
+gets the console's bytes after the CONNECT (if any) until it calls
+:meth:`BackendProtocol.handshake_done` or :meth:`BackendProtocol.handshake_failed`.
+It may also give a *front*: an endpoint that takes the user's first bytes
+(the user's half of the handshake) before the relay does.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
+from typing import Protocol as Interface
 
+from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from consoled.endings import Kind, Refusal
 
@@ -26,36 +38,90 @@ READ_SIZE = 256 * 1024
 MAX_CONNECT_ANSWER = 16 * 1024
 
 
+class Handshake(Interface):
+    """A connector's own exchange with the console before relaying starts."""
+
+    def start(self, backend: BackendProtocol) -> None:
+        """Connected (CONNECT answered, if any): speak first if the protocol says so."""
+
+    def data_received(self, data: bytes) -> None:
+        """The console's bytes (decrypted, once the exchange started TLS)."""
+
+    def tls_up(self) -> None:
+        """A TLS handshake the exchange started has completed."""
+
+
+#: Given the relay, returns the endpoint that takes the user's bytes first.
+Front = Callable[[Any], Any]
+
+
+@implementer(IHandshakeListener)
 class BackendProtocol(Protocol):
     """The hypervisor end of one session."""
 
-    def __init__(self, connect_path: str | None) -> None:
-        # Cancelled by the connect timeout while the CONNECT exchange is pending.
+    def __init__(self, connect_path: str | None, handshake: Handshake | None = None) -> None:
+        # Cancelled by the connect timeout while the CONNECT exchange or handshake is pending.
         self.ready: defer.Deferred[BackendProtocol] = defer.Deferred(
             lambda _: self.transport.abortConnection()
         )
         self._connect_path = connect_path
+        self._handshake = handshake
         self._head = b""
         self._held: list[bytes] = []
         self._relay: Any = None
         self._lost: Failure | None = None
+        self._front: Front | None = None
 
     def connectionMade(self) -> None:
         # Read the console in large chunks: fewer, bigger frames to the user.
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = READ_SIZE
         if self._connect_path is None:
-            self.ready.callback(self)
+            self._connected()
             return
         self.transport.write(b"CONNECT %s HTTP/1.1\r\n\r\n" % self._connect_path.encode("utf-8"))
+
+    def _connected(self, rest: bytes = b"") -> None:
+        """Connected, and the CONNECT answered: the handshake's turn, or ready."""
+        if self._handshake is None:
+            if rest:
+                self._held.append(rest)
+            self.ready.callback(self)
+            return
+        self._handshake.start(self)
+        if rest and not self.ready.called:
+            self._handshake.data_received(rest)
+
+    # -- what a Handshake calls ----------------------------------------------
+
+    def handshake_done(self, rest: bytes = b"", front: Front | None = None) -> None:
+        """The console is ready; ``rest`` is its first bytes for the user."""
+        self._handshake = None
+        self._front = front
+        if rest:
+            self._held.append(rest)
+        self.ready.callback(self)
+
+    def handshake_failed(self, refusal: Refusal) -> None:
+        self._handshake = None
+        self.ready.errback(refusal)
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        if self._handshake is not None:
+            self._handshake.tls_up()
+
+    # -- bytes ---------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._relay is not None:
             self._relay.from_backend(data)
         elif self.ready.called:
-            # Ready but not yet attached: keep it (at most one read) and stop reading.
+            # Ready but not yet relaying: keep it (at most one read) and stop reading.
             self._held.append(data)
             self.transport.pauseProducing()
+        elif self._handshake is not None:
+            self._handshake.data_received(data)
         else:
             self._read_connect_answer(data)
 
@@ -72,15 +138,26 @@ class BackendProtocol(Protocol):
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or parts[1] != "200":
             self._refuse(f"CONNECT answered {status_line[:80]!r}")
             return
-        if rest:
-            self._held.append(rest)
-        self.ready.callback(self)
+        self._connected(rest)
 
     def _refuse(self, detail: str) -> None:
         self.ready.errback(Refusal(Kind.BACKEND_REFUSED, detail))
         self.transport.loseConnection()
 
-    def attach(self, relay: Any) -> None:
+    # -- relaying ------------------------------------------------------------
+
+    def attach(self, relay: Any) -> Any:
+        """Relay from now on, or, with a front, once the front calls :meth:`relay_to`.
+
+        Returns the front's endpoint for the user's bytes, if there is one.
+        """
+        if self._front is not None:
+            return self._front(relay)
+        self.relay_to(relay)
+        return None
+
+    def relay_to(self, relay: Any) -> None:
+        """Hand the console's bytes to ``relay``, what was held first."""
         self._relay = relay
         held, self._held = self._held, []
         for chunk in held:
@@ -92,11 +169,27 @@ class BackendProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         if not self.ready.called:
-            self.ready.errback(Refusal(Kind.BACKEND_REFUSED, "closed before answering the CONNECT"))
+            self.ready.errback(_lost_early(reason, self._connect_path, self._handshake))
         elif self._relay is not None:
             self._relay.backend_lost(reason.getErrorMessage())
         else:
-            self._lost = reason  # ready but not attached yet: attach() passes it on
+            self._lost = reason  # ready but not relaying yet: relay_to() passes it on
+
+
+def _lost_early(reason: Failure, connect_path: str | None, handshake: Any) -> Refusal:
+    """Why a console that closed before it was ready refused the session."""
+    if reason.check(SSL.Error):
+        return Refusal(Kind.BACKEND_TLS, ssl_reason(reason.value))
+    if handshake is not None:
+        return Refusal(Kind.BACKEND_REFUSED, "closed during its handshake")
+    return Refusal(Kind.BACKEND_REFUSED, "closed before answering the CONNECT")
+
+
+def ssl_reason(exc: Exception) -> str:
+    """OpenSSL's own words: 'certificate verify failed', 'tlsv13 alert certificate required'."""
+    entries = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    reasons = [entry[2] for entry in entries if isinstance(entry, tuple) and len(entry) == 3]
+    return ", ".join(reasons) or str(exc) or type(exc).__name__
 
 
 def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
@@ -111,15 +204,24 @@ def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
 
 
 def connect_backend(
-    reactor: Any, host: str, port: int, *, timeout: float, connect_path: str | None = None
+    reactor: Any,
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    connect_path: str | None = None,
+    handshake: Callable[[], Handshake] | None = None,
 ) -> defer.Deferred[BackendProtocol]:
     """Connect to a console server; fires when it is ready to relay.
 
     Fails with a :class:`Refusal` whose kind says why: unreachable, timed
-    out (connect and CONNECT exchange together within ``timeout``), refused.
+    out (connect, CONNECT exchange and handshake together within
+    ``timeout``), refused, TLS failed.
     """
     endpoint = _endpoint(reactor, host, port, timeout)
-    factory = Factory.forProtocol(lambda: BackendProtocol(connect_path))
+    factory = Factory.forProtocol(
+        lambda: BackendProtocol(connect_path, handshake() if handshake else None)
+    )
     factory.noisy = False  # one factory per session: no "Starting factory" line each time
     connecting = endpoint.connect(factory)
 

@@ -109,7 +109,8 @@ class TransportClientSide:
 class BackendSide(Protocol):
     transport: Any
 
-    def attach(self, relay: Relay) -> None: ...
+    def attach(self, relay: Relay) -> Any:
+        """Start handing the console's bytes to ``relay``; may return a front for the user's."""
 
 
 class Relay:
@@ -160,12 +161,20 @@ class Relay:
         no_delay(backend.transport)
         no_delay(self.client.consumer)
         self.client.ready()
-        backend.attach(self)
+        # A backend whose handshake has a half on the user's side (the RFB
+        # security proxy plays the server to the user) gives a front: the
+        # user's bytes go there until it hands the user back to this relay.
+        front = backend.attach(self)
         self.client.consumer.registerProducer(backend.transport, True)
         backend.transport.registerProducer(self.client.producer, True)
         pending, self._pending = self._pending, []
-        if pending:
+        if front is not None:
+            self.client.rebind(front)
+            for chunk in pending:
+                front.from_client(chunk)
+        elif pending:
             backend.transport.writeSequence(pending)
+        if pending:
             self.client.producer.resumeProducing()
 
     def hand_over(self, client: ClientSide) -> ClientSide:
