@@ -41,6 +41,7 @@ from typing import Any
 
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from consoled.backends.tcp import BackendProtocol, connect_backend
 from consoled.config import VncSettings
@@ -154,6 +155,7 @@ class ServerSide:
         self._security = security
         self._backend: Any = None
         self._reader: StepReader | None = None
+        self._tls = False
 
     def start(self, backend: BackendProtocol) -> None:
         self._backend = backend
@@ -171,6 +173,16 @@ class ServerSide:
 
     def tls_up(self) -> None:
         pass  # the SecurityResult that follows, read over the TLS, says more
+
+    def closed(self, reason: Failure) -> Refusal:
+        if self._tls:
+            # QEMU drops a client whose certificate its CA did not sign, no alert sent.
+            return Refusal(
+                Kind.BACKEND_TLS,
+                "the VNC server closed the connection in TLS (does it trust"
+                " [vnc] vencrypt_client_cert?)",
+            )
+        return Refusal(Kind.BACKEND_REFUSED, "the VNC server closed during the RFB handshake")
 
     def _send(self, data: bytes) -> None:
         self._backend.transport.write(data)
@@ -219,6 +231,7 @@ class ServerSide:
         self._send(struct.pack("!I", X509_NONE))
         if (yield 1) == b"\x00":
             raise Refusal(Kind.BACKEND_REFUSED, "the VNC server did not accept X509None")
+        self._tls = True
         self._backend.transport.startTLS(self._security.tls)
 
 

@@ -50,6 +50,9 @@ class Handshake(Interface):
     def tls_up(self) -> None:
         """A TLS handshake the exchange started has completed."""
 
+    def closed(self, reason: Failure) -> Refusal:
+        """Why the session is refused: the console closed during the exchange."""
+
 
 #: Given the relay, returns the endpoint that takes the user's bytes first.
 Front = Callable[[Any], Any]
@@ -181,7 +184,7 @@ def _lost_early(reason: Failure, connect_path: str | None, handshake: Any) -> Re
     if reason.check(SSL.Error):
         return Refusal(Kind.BACKEND_TLS, ssl_reason(reason.value))
     if handshake is not None:
-        return Refusal(Kind.BACKEND_REFUSED, "closed during its handshake")
+        return handshake.closed(reason)
     return Refusal(Kind.BACKEND_REFUSED, "closed before answering the CONNECT")
 
 

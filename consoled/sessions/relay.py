@@ -24,7 +24,8 @@ from consoled.endings import Ending, Kind
 
 #: Transports whose socket write_now may use: plain TCP only.  Checked by
 #: type, because a TLS wrapper forwards unknown attributes (``socket`` too) to
-#: the TCP transport beneath it, and writing there would skip TLS.
+#: the TCP transport beneath it, and writing there would skip TLS; and by
+#: ``TLS``, because ``startTLS`` (a backend's handshake) keeps the TCP type.
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
@@ -42,6 +43,7 @@ def write_now(transport: Any, data: bytes, header: bytes = b"") -> None:
     """
     if (
         type(transport) not in _PLAIN_TCP
+        or transport.TLS  # startTLS keeps the TCP type and routes writes through TLS
         or transport._tempDataBuffer
         or len(transport.dataBuffer) != transport.offset
         or transport.disconnecting
