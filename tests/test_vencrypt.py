@@ -16,11 +16,11 @@ from twisted.trial.unittest import TestCase
 
 from consoled.config import Settings
 from consoled.endings import Kind
+from tests import test_refusals
 from tests.harness import Consoled, test_settings
 from tests.peers import HOST, VNC_BASE_PORT, _free_vnc_port, start_qemu, start_qemu_vnc
 from tests.pki import Pki, make_pki
 from tests.rfb import rfb_handshake
-from tests import test_refusals
 from tests.wsclient import ws_connect
 from tests.xvpclient import xvp_connect
 

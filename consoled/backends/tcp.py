@@ -68,7 +68,10 @@ class BackendProtocol(Protocol):
             lambda _: self.transport.abortConnection()
         )
         self._connect_path = connect_path
-        self._handshake = handshake
+        #: the exchange to run once connected (and the CONNECT answered)
+        self._then = handshake
+        #: the exchange under way: it takes the console's bytes until ready
+        self._handshake: Handshake | None = None
         self._head = b""
         self._held: list[bytes] = []
         self._relay: Any = None
@@ -86,6 +89,7 @@ class BackendProtocol(Protocol):
 
     def _connected(self, rest: bytes = b"") -> None:
         """Connected, and the CONNECT answered: the handshake's turn, or ready."""
+        self._handshake, self._then = self._then, None
         if self._handshake is None:
             if rest:
                 self._held.append(rest)
