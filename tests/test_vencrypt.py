@@ -11,14 +11,22 @@ import dataclasses
 import os
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from consoled.config import Settings
 from consoled.endings import Kind
-from tests import test_refusals
+from tests import test_refusals, test_tempest
+from tests.browser import open_novnc, require_browser
 from tests.harness import Consoled, test_settings
-from tests.peers import HOST, VNC_BASE_PORT, _free_vnc_port, start_qemu, start_qemu_vnc
+from tests.peers import (
+    HOST,
+    VNC_BASE_PORT,
+    _free_vnc_port,
+    require_peer,
+    start_qemu,
+    start_qemu_vnc,
+)
 from tests.pki import Pki, make_pki
 from tests.rfb import rfb_handshake
 from tests.wsclient import ws_connect
@@ -146,3 +154,38 @@ class VeNCryptRefusalTests(TestCase):
         self.consoled = Consoled(self, vencrypt_settings(self.pki))
         vnc = yield start_qemu_vencrypt(self, other)
         yield self.check(vnc, Kind.BACKEND_TLS, "certificate verify failed")
+
+
+class VeNCryptViewerTests(TestCase):
+    """The viewers users and clouds run, unchanged, in front of a VeNCrypt QEMU."""
+
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_novnc_in_chromium_draws_vencrypt_qemu(self) -> Any:
+        """Debian's noVNC in headless Chromium, through consoled, draws that QEMU's screen."""
+        require_browser(self)
+        require_peer(self, "noVNC", os.path.isdir(test_tempest.NOVNC_DIR), test_tempest.NOVNC_HINT)
+        pki = make_pki(os.path.abspath(self.mktemp()))
+        consoled = Consoled(self, vencrypt_settings(pki))
+        vnc = yield start_qemu_vencrypt(self, pki)
+        base = f"http://127.0.0.1:{consoled.port('novnc')}/vnc_lite.html"
+        issued = yield consoled.authorize("novnc", vnc.host, vnc.port, access_url_base=base)
+        result = yield open_novnc(self, issued.access_url)
+        self.assertIn("Connected to QEMU", result.status_text)
+        self.assertGreater(result.nonblank_pixels, 0)
+
+    async def test_tempest_novnc_through_the_security_proxy(self) -> None:
+        """Tempest's own test_novnc (RFB 3.8 with None up to ServerInit) passes in front of it."""
+        require_peer(self, "noVNC", os.path.isdir(test_tempest.NOVNC_DIR), test_tempest.NOVNC_HINT)
+        pki = make_pki(os.path.abspath(self.mktemp()))
+        settings = vencrypt_settings(pki)
+        consoled = Consoled(self, settings)
+        vnc = await start_qemu_vencrypt(self, pki)
+        base = test_tempest.door_url(settings.vnc.novncproxy_base_url, consoled.port("novnc"))
+        issued = await consoled.authorize("novnc", vnc.host, vnc.port, access_url_base=base)
+        api = test_tempest.NovaConsoleAPI(issued.access_url)
+        case = test_tempest.TempestNoVNC("novnc", api)
+        result = await threads.deferToThread(test_tempest.run_case, case)
+        problems = [text for _case, text in result.errors + result.failures]
+        self.assertEqual((result.testsRun, problems, result.skip_reasons), (1, [], {}))
