@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from consoled.config import Settings
 from consoled.endings import Kind
-from tests import test_refusals, test_tempest
+from tests import test_refusals, test_startup, test_tempest
 from tests.browser import open_novnc, require_browser
 from tests.harness import Consoled, test_settings
 from tests.peers import (
@@ -189,3 +189,30 @@ class VeNCryptViewerTests(TestCase):
         result = await threads.deferToThread(test_tempest.run_case, case)
         problems = [text for _case, text in result.errors + result.failures]
         self.assertEqual((result.testsRun, problems, result.skip_reasons), (1, [], {}))
+
+
+class VeNCryptStartTests(TestCase):
+    """A real ``twistd consoled`` told to use VeNCrypt without what it needs refuses to start."""
+
+    timeout = 60
+    config = test_startup.RefusedStartTests.config
+    refused = test_startup.RefusedStartTests.refused
+    assertOneLine = test_startup.RefusedStartTests.assertOneLine
+
+    @defer.inlineCallbacks
+    def test_no_ca(self) -> Any:
+        """auth_schemes = vencrypt without vencrypt_ca_certs: one line naming the option."""
+        twistd = yield self.refused(self.config("[vnc]\nauth_schemes = vencrypt\n"))
+        self.assertOneLine(twistd, "[vnc] vencrypt_ca_certs is not set")
+
+    @defer.inlineCallbacks
+    def test_client_key_missing(self) -> Any:
+        """A client key file that does not exist: one line naming it."""
+        pki = make_pki(os.path.abspath(self.mktemp()))
+        key = os.path.join(pki.dir, "absent-key.pem")
+        text = (
+            f"[vnc]\nauth_schemes = vencrypt\nvencrypt_ca_certs = {pki.ca_cert}\n"
+            f"vencrypt_client_cert = {pki.client_cert}\nvencrypt_client_key = {key}\n"
+        )
+        twistd = yield self.refused(self.config(text))
+        self.assertOneLine(twistd, f"[vnc] vencrypt_*: cannot read TLS key {key}")
