@@ -100,7 +100,9 @@ class VncSettings:
     enabled: bool = opt(True, boolean)
     novncproxy_host: str = opt("0.0.0.0", str)
     novncproxy_port: int = opt(6080, port)
-    novncproxy_base_url: str = opt("http://127.0.0.1:6080/vnc_auto.html", str)
+    # Not nova's vnc_auto.html: noVNC >= 1.0 has no such page (Debian links it
+    # to vnc.html, which waits for a Connect click); vnc_lite.html connects at once.
+    novncproxy_base_url: str = opt("http://127.0.0.1:6080/vnc_lite.html", str)
     auth_schemes: tuple[str, ...] = opt(
         ("none",), each(choice("none", "vencrypt"), at_least_one=True)
     )
@@ -119,7 +121,9 @@ class SerialConsoleSettings:
     enabled: bool = opt(False, boolean)
     serialproxy_host: str = opt("0.0.0.0", str)
     serialproxy_port: int = opt(6083, port)
-    base_url: str = opt("ws://127.0.0.1:6083/", str)
+    # Not nova's ws://127.0.0.1:6083/: a browser opens consoled's serial page,
+    # which opens the websocket on the same host and port with the same token.
+    base_url: str = opt("http://127.0.0.1:6083/serial.html", str)
     port_range: tuple[int, int] = opt((10000, 20000), port_range)
 
 

@@ -22,14 +22,21 @@ from consoled import malloc
 from consoled.backends import Backends
 from consoled.config import ConfigError, Settings, load_settings
 from consoled.gate import Gate
-from consoled.listeners import CertificateReloader, serial_tcp_doors, websocket_doors, xvp_doors
+from consoled.listeners import (
+    CertificateReloader,
+    DoorService,
+    serial_tcp_doors,
+    websocket_doors,
+    xvp_doors,
+)
 from consoled.reactor import install as install_reactor
 from consoled.sessions import Sessions
 from consoled.sessions.recording import Recorder
 from consoled.store import Store, open_store, schema
 from consoled.store.engine import describe_error, safe_url
 from consoled.timers import clean_expired_tokens, duty, end_lost_sessions
-from consoled.tls import TLSError, server_tls_from_settings
+from consoled.tls import ReloadableServerTLS, TLSError, server_tls_from_settings
+from consoled.web_directories import missing_web_directories
 
 log = Logger()
 
@@ -152,17 +159,30 @@ def recorder_from_settings(settings: Settings, reactor: Any) -> Recorder | None:
     )
 
 
+def web_refusal(settings: Settings) -> str | None:
+    """One line for the web directories of enabled doors that are missing, or None."""
+    missing = missing_web_directories(settings)
+    if not missing:
+        return None
+    return "; ".join(each.refusal() for each in missing)
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """The whole consoled, or SystemExit with one line naming what to fix.
 
-    Start-up never half-starts: a bad database, schema or TLS file stops it
-    here, before twistd starts logging; a door that cannot bind stops it in
-    ``privilegedStartService`` (consoled.listeners.DoorService), before any
-    service starts.  Either way twistd prints the line and exits with 1.
+    Start-up never half-starts: a missing web directory, a bad database,
+    schema or TLS file stops it here, before twistd starts logging; a door
+    that cannot bind stops it in ``privilegedStartService``
+    (consoled.listeners.DoorService), before any service starts.  Either way
+    twistd prints the line and exits with 1.  ``consoled-manage check``
+    (consoled/check.py) asks the same questions without starting.
     """
     if reactor is None:
         from twisted.internet import reactor
     settings = options.settings
+    refusal = web_refusal(settings)
+    if refusal is not None:
+        raise SystemExit(f"consoled: {refusal}")
     malloc.tune()
     try:
         store, embedded = open_store(
@@ -223,6 +243,25 @@ def _sweeps(settings: Settings, store: Store, clock: Any) -> MultiService:
     return sweeps
 
 
+def build_doors(
+    settings: Settings,
+    gate: Gate | None,
+    reactor: Any,
+    tls: ReloadableServerTLS | None,
+    proxy: str,
+) -> list[DoorService]:
+    """Every door the settings enable, in the order they bind.
+
+    ``gate`` None builds doors only to bind them (``consoled-manage check``):
+    they are closed again without ever serving.
+    """
+    return [
+        *websocket_doors(settings, gate, reactor, tls),  # type: ignore[arg-type]
+        *xvp_doors(settings, gate, reactor, tls),  # type: ignore[arg-type]
+        *serial_tcp_doors(settings, gate, reactor, tls, proxy_name=proxy),  # type: ignore[arg-type]
+    ]
+
+
 def compose(
     settings: Settings, store: Store, reactor: Any, clock: Any = None, worker: int = 0
 ) -> SequentialMultiService:
@@ -264,13 +303,7 @@ def compose(
         trusted_proxies=settings.consoled.trusted_proxies,
         backends=backends,
     )
-    for door in websocket_doors(settings, gate, reactor, tls):
-        door.setServiceParent(top)
-    for door in xvp_doors(settings, gate, reactor, tls):
-        door.setServiceParent(top)
-    for door in serial_tcp_doors(
-        settings, gate, reactor, tls, proxy_name=proxy_name(settings, worker)
-    ):
+    for door in build_doors(settings, gate, reactor, tls, proxy_name(settings, worker)):
         door.setServiceParent(top)
     Announcer(
         reactor,

@@ -96,11 +96,11 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(s.console.ssl_minimum_version, "default")
         self.assertTrue(s.vnc.enabled)
         self.assertEqual((s.vnc.novncproxy_host, s.vnc.novncproxy_port), ("0.0.0.0", 6080))
-        self.assertEqual(s.vnc.novncproxy_base_url, "http://127.0.0.1:6080/vnc_auto.html")
+        self.assertEqual(s.vnc.novncproxy_base_url, "http://127.0.0.1:6080/vnc_lite.html")
         self.assertEqual(s.vnc.auth_schemes, ("none",))
         self.assertFalse(s.serial_console.enabled)
         self.assertEqual(s.serial_console.serialproxy_port, 6083)
-        self.assertEqual(s.serial_console.base_url, "ws://127.0.0.1:6083/")
+        self.assertEqual(s.serial_console.base_url, "http://127.0.0.1:6083/serial.html")
         self.assertEqual(s.serial_console.port_range, (10000, 20000))
         self.assertFalse(s.spice.enabled)
         self.assertEqual(s.spice.html5proxy_port, 6082)
@@ -211,7 +211,7 @@ class ReadingTests(ConfigTestsMixin, SynchronousTestCase):
         self.assertFalse(s.spice.enabled)
         self.assertFalse(s.serial_console.enabled)
         self.assertEqual(s.consoleauth.token_ttl, 600)
-        self.assertEqual(s.serial_console.base_url, "ws://127.0.0.1:6083/")
+        self.assertEqual(s.serial_console.base_url, "http://127.0.0.1:6083/serial.html")
         self.assertIn(("DEFAULT", "enabled"), {(e["group"], e["option"]) for e in events})
 
     def test_booleanSpellings(self) -> None:

@@ -60,7 +60,7 @@ class CommandTests(CommandBase):
     def test_create_prints_novnc_url(self) -> None:
         """token create prints nova's noVNC access URL built on [vnc] novncproxy_base_url."""
         url = self.create("--type", "novnc")
-        prefix = "http://127.0.0.1:6080/vnc_auto.html?path=%3Ftoken%3D"
+        prefix = "http://127.0.0.1:6080/vnc_lite.html?path=%3Ftoken%3D"
         self.assertTrue(url.startswith(prefix), url)
         token = url[len(prefix) :]
         info = self.successResultOf(self.store.find_token(hash_token(token)))
@@ -163,7 +163,7 @@ class CommandLineTests(TestCase):
             "10000",
         )
         self.assertEqual(code, 0, err)
-        self.assertTrue(out.startswith("ws://127.0.0.1:6083/?token="), out)
+        self.assertTrue(out.startswith("http://127.0.0.1:6083/serial.html?token="), out)
 
     @defer.inlineCallbacks
     def test_bad_inputs(self) -> Any:

@@ -267,6 +267,27 @@ class RefusedStartTests(TestCase):
         )
 
     @defer.inlineCallbacks
+    def test_web_directory_missing(self) -> Any:
+        """(f) An enabled door whose pages are missing: one line naming each option
+        and what to install, instead of a door that answers its page URLs with 404."""
+        web = os.path.abspath(self.mktemp())
+        spice_web = os.path.abspath(self.mktemp())
+        novnc = free_port()
+        config = self.config(
+            f"web = {web}\n[vnc]\nnovncproxy_host = {HOST}\nnovncproxy_port = {novnc}\n"
+            f"[spice]\nenabled = true\n[consoled]\nxvp_enabled = false\nspice_web = {spice_web}\n"
+        )
+        twistd = yield self.refused(config)
+        line = self.assertOneLine(
+            twistd,
+            f"novnc door: [DEFAULT] web {web}: no such directory; install noVNC (apt-get install novnc)",
+            f"spice door: [consoled] spice_web {spice_web}: no such directory",
+            "apt-get install spice-html5",
+        )
+        self.assertTrue(line.startswith("consoled: "), line)
+        yield self.assertRefused(novnc)
+
+    @defer.inlineCallbacks
     def test_config_file_missing(self) -> Any:
         """(e) A --config-file that does not exist is refused, not served on the defaults."""
         path = os.path.abspath(self.mktemp())

@@ -19,8 +19,8 @@ Tempest checks a cloud's noVNC proxy with two tests in
 Here the test bodies are Tempest's own functions, borrowed onto a small
 `NoVNCValidateMixin` case whose ``servers_client`` answers
 ``get_vnc_console`` the way nova's API does, with the URL consoled builds for
-a token (``[vnc] novncproxy_base_url``, nova's default
-``http://127.0.0.1:6080/vnc_auto.html``, pointed at the door's bound port).
+a token (``[vnc] novncproxy_base_url``, consoled's default
+``http://127.0.0.1:6080/vnc_lite.html``, pointed at the door's bound port).
 Debian's novnc package ships ``vnc_auto.html`` as a link to ``vnc.html``; both
 it and ``vnc_lite.html`` pass Tempest's page check.
 
@@ -175,20 +175,20 @@ class TempestNoVNCTests(TestCase):
 
     async def test_novnc(self) -> None:
         """Tempest's test_novnc passes on the URL consoled prints by default:
-        /vnc_auto.html (nova's default base URL) serves noVNC's page, the
-        websocket upgrade with the token is accepted, and RFB 3.8 with QEMU
-        reaches ServerInit."""
+        /vnc_lite.html (consoled's default base URL, the noVNC page that
+        connects by itself) serves noVNC's page, the websocket upgrade with
+        the token is accepted, and RFB 3.8 with QEMU reaches ServerInit."""
         console_api = await self.tempest("novnc")
         url = urlsplit(console_api.url)
-        self.assertEqual(url.path, "/vnc_auto.html")
+        self.assertEqual(url.path, "/vnc_lite.html")
         self.assertTrue(url.query.startswith("path=%3Ftoken%3D"), url.query)
 
-    async def test_novnc_lite_page(self) -> None:
+    async def test_novnc_auto_page(self) -> None:
         """Tempest's test_novnc also passes with ``[vnc] novncproxy_base_url``
-        on vnc_lite.html, which nova's help for that option recommends with
-        noVNC >= 1.0 (Debian ships 1.3)."""
-        console_api = await self.tempest("novnc", page="vnc_lite.html")
-        self.assertEqual(urlsplit(console_api.url).path, "/vnc_lite.html")
+        on nova's default, vnc_auto.html (Debian's noVNC 1.3 links it to
+        vnc.html), as a nova.conf left at nova's default gives it."""
+        console_api = await self.tempest("novnc", page="vnc_auto.html")
+        self.assertEqual(urlsplit(console_api.url).path, "/vnc_auto.html")
 
     async def test_novnc_bad_token(self) -> None:
         """Tempest's test_novnc_bad_token passes: an upgrade with ``token=bad…``
