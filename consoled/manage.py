@@ -9,6 +9,10 @@
     consoled-manage token clean
     consoled-manage session list [--all]
     consoled-manage session kick ID | --instance UUID [--reason TEXT] [--takeover]
+    consoled-manage check
+
+``check`` (consoled/check.py) reports, one line each, what would stop the
+daemon from starting with these files, and what an operator would regret.
 
 Every failure is one line on stderr and a non-zero exit: 2 for a bad
 command line or configuration, 1 for a database that cannot be used.
@@ -27,6 +31,7 @@ from typing import Any, NoReturn
 
 from twisted.internet import defer, task
 
+from consoled.check import run_check
 from consoled.config import ConfigError, Settings, load_settings
 from consoled.store import Store, open_store, schema
 from consoled.store.engine import describe_error
@@ -83,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="INI file (nova.conf works as it is); repeatable, later files win",
     )
     area = parser.add_subparsers(dest="area", required=True, parser_class=_Parser)
+
+    area.add_parser(
+        "check",
+        help="would the daemon start with these files? one line per finding",
+    )
 
     db = area.add_parser("db", help="schema migrations").add_subparsers(
         dest="command", required=True
@@ -255,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _fail(str(error), 2)
 
     def react_main(reactor: Any) -> defer.Deferred[None]:
+        if args.area == "check":
+            # Every failure is a finding of its own, the database's too.
+            return run_check(settings, reactor, sys.stdout).addCallback(_exit_with)
         try:
             store, embedded = open_store(
                 settings.database.connection,
@@ -281,6 +294,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         return d.addBoth(lambda result: store.stop().addCallback(lambda _: result))
 
     task.react(react_main)
+
+
+def _exit_with(status: int) -> None:
+    if status:
+        raise SystemExit(status)
 
 
 def _report(message: str) -> None:
