@@ -6,7 +6,8 @@ without starting anything:
 - the web directory of every enabled door (consoled.web_directories, as
   ``makeService`` does);
 - the TLS certificate and key (``server_tls_from_settings``, as ``compose``
-  does), and how long every certificate of the chain stays valid;
+  does) and the VeNCrypt client material (``Backends.from_settings``, the
+  same), and how long each certificate stays valid;
 - every door's port: each door is built as ``compose`` builds it
   (``build_doors``), bound as twistd binds it (``privilegedStartService``,
   whose refusal is the daemon's own line), then closed again;
@@ -30,9 +31,11 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
+from cryptography import x509
 from sqlalchemy.engine import make_url
 from twisted.internet import defer
 
+from consoled.backends import Backends
 from consoled.config import Settings
 from consoled.listeners import DoorRefused, DoorService
 from consoled.service import build_doors, proxy_name, store_refusal
@@ -102,8 +105,20 @@ def check_web(settings: Settings, report: Report) -> None:
 def check_tls(
     settings: Settings, now: float, report: Report
 ) -> tuple[ReloadableServerTLS | None, bool]:
-    """The doors' TLS as start-up loads it (and whether it loaded); every
-    certificate's remaining validity."""
+    """The doors' TLS as start-up loads it (and whether it loaded), the VeNCrypt
+    client material as start-up loads it, and every certificate's remaining
+    validity."""
+    vnc = settings.vnc
+    try:
+        Backends.from_settings(settings)
+    except TLSError as error:
+        report.error(str(error))
+    else:
+        if "vencrypt" in vnc.auth_schemes and vnc.vencrypt_client_cert:
+            with open(vnc.vencrypt_client_cert, "rb") as f:
+                client = x509.load_pem_x509_certificates(f.read())
+            what = f"[vnc] vencrypt_client_cert {vnc.vencrypt_client_cert}"
+            _expiry(what, client, now, "replace it and restart consoled", report)
     try:
         tls = server_tls_from_settings(settings)
     except TLSError as error:
@@ -115,23 +130,30 @@ def check_tls(
     report.tls = f"TLS from {tls.cert_path}"
     options = tls.options
     chain = [options.certificate, *(options.extraCertChain or ())]
+    certificates = [certificate.to_cryptography() for certificate in chain]
+    remedy = "replace it, then SIGHUP reloads it"
+    _expiry(f"TLS certificate {tls.cert_path}", certificates, now, remedy, report)
+    return tls, True
+
+
+def _expiry(
+    what: str, chain: list[x509.Certificate], now: float, remedy: str, report: Report
+) -> None:
+    """A warning for each certificate of ``chain`` that has ended or ends soon."""
     moment = datetime.datetime.fromtimestamp(now, datetime.UTC)
     for position, certificate in enumerate(chain):
-        parsed = certificate.to_cryptography()
-        ends = parsed.not_valid_after_utc
+        ends = certificate.not_valid_after_utc
         left = ends - moment
         which = "" if position == 0 else f" (chain certificate {position})"
-        where = f"TLS certificate {tls.cert_path}{which} {parsed.subject.rfc4514_string()}"
+        where = f"{what}{which} {certificate.subject.rfc4514_string()}"
         when = ends.strftime("%Y-%m-%dT%H:%M:%SZ")
         if left <= datetime.timedelta(0):
-            report.warning(f"{where} expired on {when}; every TLS client will refuse it")
+            report.warning(f"{where} expired on {when}; every TLS peer will refuse it")
         elif left <= datetime.timedelta(days=EXPIRY_WARNING_DAYS):
             days = left.days
             report.warning(
-                f"{where} expires on {when} (in {days} day{'' if days == 1 else 's'}); "
-                "replace it, then SIGHUP reloads it"
+                f"{where} expires on {when} (in {days} day{'' if days == 1 else 's'}); {remedy}"
             )
-    return tls, True
 
 
 def _wildcard(host: str) -> bool:

@@ -210,6 +210,32 @@ class CheckTests(CheckBase):
         self.assertFinding(lines, "warning: ", f"{cert}", "expired on 2031-06-01T12:00:00Z")
 
     @defer.inlineCallbacks
+    def test_vencrypt_material_does_not_load(self) -> Any:
+        """VeNCrypt asked for without its CA: the backends' start-up line, exit 1."""
+        status, lines = yield self.check(self.config("[vnc]\nauth_schemes = vencrypt\n"))
+        self.assertEqual(status, 1, lines)
+        self.assertFinding(
+            lines, "error: [vnc] auth_schemes lists vencrypt but [vnc] vencrypt_ca_certs is not set"
+        )
+
+    @defer.inlineCallbacks
+    def test_vencrypt_client_certificate_expires_soon(self) -> Any:
+        """consoled's VeNCrypt client certificate ending within 30 days: a warning, exit 0."""
+        cert, key = make_certificate(self)
+        config = self.config(
+            f"[vnc]\nauth_schemes = vencrypt\nvencrypt_ca_certs = {cert}\n"
+            f"vencrypt_client_cert = {cert}\nvencrypt_client_key = {key}\n"
+        )
+        soon = NOT_AFTER - datetime.timedelta(days=3, hours=1)
+        status, lines = yield self.check(config, now=_seconds(soon))
+        self.assertEqual(status, 0, lines)
+        self.assertFinding(
+            lines,
+            f"warning: [vnc] vencrypt_client_cert {cert} CN=console.test expires on",
+            "(in 3 days); replace it and restart consoled",
+        )
+
+    @defer.inlineCallbacks
     def test_database_unreachable(self) -> Any:
         """A database where nothing listens: start-up's line, the password hidden, exit 1."""
         port = free_port()
