@@ -192,6 +192,10 @@ class ConsoledSettings:
     spice_web: str = opt("/usr/share/spice-html5", str)
     serial_web: str | None = opt(None, str)
     xterm_dir: str = opt("node_modules/@xterm/xterm", str)
+    # The WebMKS door ([mks] enabled): nova-mksproxy's address; None: consoled's own page.
+    mks_host: str = opt("0.0.0.0", str)
+    mks_port: int = opt(6090, port)
+    mks_web: str | None = opt(None, str)
     trusted_proxies: tuple[IPNetwork, ...] = opt((), networks)
     connect_timeout: float = opt(10.0, seconds())
     admission_timeout: float = opt(10.0, seconds())

@@ -86,6 +86,7 @@ SPICE = Place("spice", "html5proxy_host", "html5proxy_port")
 SERIAL = Place("serial_console", "serialproxy_host", "serialproxy_port")
 XVP = Place("consoled", "xvp_host", "xvp_port")
 SERIAL_TCP = Place("consoled", "serial_tcp_host", "serial_tcp_port")
+MKS = Place("consoled", "mks_host", "mks_port")
 
 
 class DoorRefused(SystemExit, Exception):
@@ -246,7 +247,7 @@ def websocket_doors(
     reactor: Any,
     tls: ReloadableServerTLS | None = None,
 ) -> list[DoorService]:
-    """The noVNC, spice-html5 and serial doors that the settings enable."""
+    """The noVNC, spice-html5, serial and WebMKS doors that the settings enable."""
     c = settings.consoled
     plan: list[tuple[str, Place, str | None, dict[bytes, str]]] = []
     if settings.novnc_door_enabled:
@@ -265,6 +266,8 @@ def websocket_doors(
                 },
             )
         )
+    if settings.mks.enabled:
+        plan.append(("webmks", MKS, c.mks_web or os.path.join(PACKAGED_WEB, "webmks"), {}))
     doors = []
     for name, place, web_dir, extra in plan:
         factory = ConsoleServerFactory(Door(name, gate), ping_interval=c.ping_interval)

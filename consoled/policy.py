@@ -26,6 +26,7 @@ DOOR_TYPES: Mapping[str, frozenset[str]] = {
     "serial": frozenset({"serial"}),
     "xvp": frozenset({"xvpvnc", "novnc"}),
     "serial-tcp": frozenset({"serial"}),
+    "webmks": frozenset({"webmks"}),
 }
 
 _FAMILIES = ({"http", "ws"}, {"https", "wss"})

@@ -10,7 +10,9 @@ connector knows which door its user came through.
   when the row carries an ``internal_access_path``;
 - ``rfb``: the RFB security proxy (``consoled.backends.rfb``) for ``novnc``
   and ``xvpvnc`` rows when ``[vnc] auth_schemes`` lists ``vencrypt``, over
-  either of the above.
+  either of the above;
+- ``webmks``: VMware's authd exchange, or a pinned secure websocket to the
+  ESXi host (``consoled.backends.webmks``), for ``webmks`` rows.
 
 :class:`Backends` holds what the connectors need from the configuration
 (TLS material loaded once, at start-up) and picks one per row.
@@ -25,6 +27,7 @@ from twisted.internet import defer
 
 from consoled.backends.rfb import RFB_CONSOLE_TYPES, RfbSecurity, connect_rfb
 from consoled.backends.tcp import BackendProtocol, connect_backend
+from consoled.backends.webmks import connect_webmks
 from consoled.config import Settings
 from consoled.tokens import ConnectInfo
 
@@ -63,6 +66,8 @@ class Backends:
 
     def connector_for(self, info: ConnectInfo) -> Connector:
         """The connector a token row asks for."""
+        if info.console_type == "webmks":
+            return connect_webmks
         if self.rfb is not None and info.console_type in RFB_CONSOLE_TYPES:
             return partial(connect_rfb, self.rfb)
         return xvp_connect if info.internal_access_path else plain_tcp

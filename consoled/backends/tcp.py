@@ -218,17 +218,24 @@ def connect_backend(
     timeout: float,
     connect_path: str | None = None,
     handshake: Callable[[], Handshake] | None = None,
+    wrap: Callable[[BackendProtocol], Any] | None = None,
 ) -> defer.Deferred[BackendProtocol]:
     """Connect to a console server; fires when it is ready to relay.
 
     Fails with a :class:`Refusal` whose kind says why: unreachable, timed
     out (connect, CONNECT exchange and handshake together within
-    ``timeout``), refused, TLS failed.
+    ``timeout``), refused, TLS failed.  ``wrap``, given the backend, returns
+    the protocol that the TCP connection feeds (it must pass the backend its
+    connection and offer its ``ready``): a layer under the backend, such as
+    WebMKS's succession of TLS sessions.
     """
     endpoint = _endpoint(reactor, host, port, timeout)
-    factory = Factory.forProtocol(
-        lambda: BackendProtocol(connect_path, handshake() if handshake else None)
-    )
+
+    def build() -> Any:
+        backend = BackendProtocol(connect_path, handshake() if handshake else None)
+        return wrap(backend) if wrap else backend
+
+    factory = Factory.forProtocol(build)
     factory.noisy = False  # one factory per session: no "Starting factory" line each time
     connecting = endpoint.connect(factory)
 
