@@ -135,6 +135,11 @@ class SpiceSettings:
     html5proxy_host: str = opt("0.0.0.0", str)
     html5proxy_port: int = opt(6082, port)
     html5proxy_base_url: str = opt("http://127.0.0.1:6082/spice_auto.html", str)
+    # nova's (libvirt: every SPICE channel secure); here: no SPICE in the clear.
+    require_secure: bool = opt(False, boolean)
+    # consoled's own: how a token's tls_port is verified (docs/websocket.md).
+    ca_certs: str | None = opt(None, str)
+    host_subject: str | None = opt(None, str)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ connector knows which door its user came through.
 - ``rfb``: the RFB security proxy (``consoled.backends.rfb``) for ``novnc``
   and ``xvpvnc`` rows when ``[vnc] auth_schemes`` lists ``vencrypt``, over
   either of the above;
+- ``spice``: SPICE over TLS (``consoled.backends.spice``) for ``spice-html5``
+  rows with a ``tls_port``, and for every one when ``[spice] require_secure``;
 - ``webmks``: VMware's authd exchange, or a pinned secure websocket to the
   ESXi host (``consoled.backends.webmks``), for ``webmks`` rows.
 
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 
 from consoled.backends.rfb import RFB_CONSOLE_TYPES, RfbSecurity, connect_rfb
+from consoled.backends.spice import SPICE_CONSOLE_TYPES, SpiceTLS, connect_spice
 from consoled.backends.tcp import BackendProtocol, connect_backend
 from consoled.backends.webmks import connect_webmks
 from consoled.config import Settings
@@ -55,14 +58,17 @@ def xvp_connect(
 class Backends:
     """The connectors of one proxy, with what they need from its configuration."""
 
-    def __init__(self, *, rfb: RfbSecurity | None = None) -> None:
+    def __init__(self, *, rfb: RfbSecurity | None = None, spice: SpiceTLS | None = None) -> None:
         #: the RFB security proxy, when [vnc] auth_schemes asks for one
         self.rfb = rfb
+        #: SPICE over TLS, when the SPICE door is on (else spice rows stay plain TCP)
+        self.spice = spice
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Backends:
         """Loads the connectors' TLS material; TLSError (one line) if a file is bad."""
-        return cls(rfb=RfbSecurity.from_settings(settings.vnc))
+        spice = SpiceTLS.from_settings(settings.spice) if settings.spice_door_enabled else None
+        return cls(rfb=RfbSecurity.from_settings(settings.vnc), spice=spice)
 
     def connector_for(self, info: ConnectInfo) -> Connector:
         """The connector a token row asks for."""
@@ -70,6 +76,8 @@ class Backends:
             return connect_webmks
         if self.rfb is not None and info.console_type in RFB_CONSOLE_TYPES:
             return partial(connect_rfb, self.rfb)
+        if self.spice and info.console_type in SPICE_CONSOLE_TYPES and self.spice.wanted(info):
+            return partial(connect_spice, self.spice)
         return xvp_connect if info.internal_access_path else plain_tcp
 
 
