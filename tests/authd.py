@@ -1,4 +1,4 @@
-"""A stand-in for VMware's authd (ESXi port 902) over real sockets with real certificates.
+"""Stand-ins for VMware's authd (ESXi port 902) and ESXi's WebMKS websocket (443).
 
 No ESXi runs here.  :class:`Authd` speaks authd's wire as nova-mksproxy's
 client expects it: a ``220`` banner in the clear, a TLS session (server side,
@@ -18,9 +18,13 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
 from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import crypto
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -37,6 +41,7 @@ class Identity:
     context: ssl.SSLContext
     thumbprint: str
     der: bytes
+    options: CertificateOptions
 
 
 def identity(directory: str, name: str) -> Identity:
@@ -52,7 +57,11 @@ def identity(directory: str, name: str) -> Identity:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
     der = cert.public_bytes(Encoding.DER)
-    return Identity(context, hashlib.sha1(der).hexdigest(), der)
+    options = CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(cert),
+    )
+    return Identity(context, hashlib.sha1(der).hexdigest(), der, options)
 
 
 class ServerTls:
@@ -242,4 +251,46 @@ def serve_authd(
         )
 
     testcase.addCleanup(stop)
+    return factory
+
+
+class Esxi(WebSocketServerProtocol):
+    """ESXi's WebMKS websocket: ``/ticket/<ticket>`` with subprotocol ``binary``, then echo.
+
+    Each message it receives is recorded and sent back as one message; its
+    first message is answered with the greeting split in two messages.
+    """
+
+    def onConnect(self, request: Any) -> str:
+        self.factory.requests.append(request.path)
+        if request.path != f"/ticket/{self.factory.ticket}":
+            raise ConnectionDeny(403, "Forbidden")
+        if "binary" not in request.protocols:
+            raise ConnectionDeny(400, "binary subprotocol required")
+        return "binary"
+
+    def onOpen(self) -> None:
+        self.messages: list[bytes] = []
+        if not self.factory.ready.called:
+            self.factory.ready.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not self.messages:
+            self.sendMessage(GREETING[:4], isBinary=True)
+            self.sendMessage(GREETING[4:], isBinary=True)
+        self.messages.append(payload)
+        self.sendMessage(payload, isBinary=True)
+
+
+def serve_esxi(testcase: TestCase, *, ticket: str = "cst-52b5-ticket") -> Any:
+    """A wss ESXi on 127.0.0.1 port 0 with a self-signed certificate; returns its factory."""
+    factory = WebSocketServerFactory()
+    factory.protocol = Esxi
+    factory.identity = identity(testcase.mktemp(), "esxi")
+    factory.ticket = ticket
+    factory.requests = []
+    factory.ready = defer.Deferred()
+    port = reactor.listenSSL(0, factory, factory.identity.options, interface="127.0.0.1")
+    factory.port = port.getHost().port
+    testcase.addCleanup(port.stopListening)
     return factory

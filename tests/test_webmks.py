@@ -15,13 +15,16 @@ import json
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from consoled.backends.webmks import MAX_LINE, AuthdExchange, MksTicket, normal_thumbprint
 from consoled.endings import ANSWERS, Kind, Refusal
 from consoled.tokens import ConnectInfo
-from tests.authd import GREETING, serve_authd
+from tests.authd import GREETING, serve_authd, serve_esxi
 from tests.harness import Consoled, test_settings
+from tests.hypervisors import Hypervisor, serve
 from tests.wsclient import ws_connect
 
 FIRST_DER = b"first certificate"
@@ -132,13 +135,17 @@ class ExchangeTests(SynchronousTestCase):
         self.assertIn("not an authd banner", refusal.ending.detail)
 
     def test_first_thumbprint_mismatch(self) -> None:
-        """authd's certificate not hashing to the token's thumbprint: 4508, no USER sent."""
+        """authd's certificate not hashing to the token's thumbprint: 4508, logged, no USER sent."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         e = Exchange()
         with self.assertRaises(Refusal) as raised:
             play(e, [GOOD[0], b"bad certificate"])
         self.assertEqual(raised.exception.ending.kind, Kind.BACKEND_TLS)
         self.assertIn(FIRST, raised.exception.ending.detail)
         self.assertEqual(e.sent, [])
+        got = hashlib.sha1(b"bad certificate").hexdigest()
+        logged = [ev for ev in events if ev.get("got") == got and ev.get("pin") == FIRST]
+        self.assertEqual(len(logged), 1)
 
     def test_second_thumbprint_mismatch(self) -> None:
         """The second session's certificate not hashing to authd's answer: 4508, no nonce."""
@@ -351,3 +358,77 @@ class WebMksDoorTests(TestCase):
         client = yield ws_connect(self.consoled.port("webmks"), issued.token, explain=True)
         code, _ = yield client.closed
         self.assertEqual(code, ANSWERS[Kind.WRONG_CONSOLE_TYPE].close)
+
+
+class DirectFormTests(TestCase):
+    """The direct form: a pinned wss to a stand-in ESXi, through the WebMKS door."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.consoled = Consoled(self, mks_settings(connect_timeout=3.0))
+
+    @defer.inlineCallbacks
+    def open(self, esxi: Any, port: int | None = None, **ticket: Any) -> Any:
+        path = {"ticket": esxi.ticket, "thumbprint": esxi.identity.thumbprint, "direct": True}
+        path.update(ticket)
+        issued = yield self.consoled.authorize(
+            "webmks", "127.0.0.1", port or esxi.port, internal_access_path=json.dumps(path)
+        )
+        client = yield ws_connect(self.consoled.port("webmks"), issued.token, explain=True)
+        return client
+
+    @defer.inlineCallbacks
+    def test_frame_to_frame(self) -> Any:
+        """Each of the user's frames is one message to ESXi, and each of ESXi's one frame back."""
+        esxi = serve_esxi(self)
+        client = yield self.open(esxi)
+        frames: list[bytes] = []
+        original = client.onMessage
+        client.onMessage = lambda payload, binary: (
+            frames.append(payload),
+            original(payload, binary),
+        )
+        client.send(b"ab")
+        client.send(b"cd")
+        self.assertEqual((yield client.read(len(GREETING) + 4)), GREETING + b"abcd")
+        server = yield esxi.ready
+        self.assertEqual(server.messages, [b"ab", b"cd"])
+        self.assertEqual(frames, [GREETING[:4], GREETING[4:], b"ab", b"cd"])
+        self.assertEqual(esxi.requests, [f"/ticket/{esxi.ticket}"])
+        client.sendClose()
+        yield client.closed
+        yield self.consoled.wait_sessions_ended()
+
+    @defer.inlineCallbacks
+    def test_wrong_thumbprint(self) -> Any:
+        """An ESXi certificate that is not the pinned one: 4508, and the ticket is never sent."""
+        esxi = serve_esxi(self)
+        client = yield self.open(esxi, thumbprint="ab" * 20)
+        code, reason = yield client.closed
+        self.assertEqual(code, ANSWERS[Kind.BACKEND_TLS].close)
+        self.assertIn("ESXi's certificate does not match the pinned thumbprint", reason)
+        self.assertEqual(esxi.requests, [])
+        yield self.consoled.wait_sessions_ended()
+
+    @defer.inlineCallbacks
+    def test_ticket_refused(self) -> Any:
+        """ESXi refusing the upgrade for an unknown ticket: 4506, the ticket not in the reason."""
+        esxi = serve_esxi(self)
+        client = yield self.open(esxi, ticket="stale-ticket")
+        code, reason = yield client.closed
+        self.assertEqual(code, ANSWERS[Kind.BACKEND_REFUSED].close)
+        self.assertNotIn("stale-ticket", reason)
+        self.assertEqual(esxi.requests, ["/ticket/stale-ticket"])
+        yield self.consoled.wait_sessions_ended()
+
+    @defer.inlineCallbacks
+    def test_slow_peer(self) -> Any:
+        """A peer that accepts TCP and never speaks TLS: 4504 within connect_timeout."""
+        self.consoled = Consoled(self, mks_settings(connect_timeout=0.3))
+        silent = serve(self, Hypervisor)
+        esxi = serve_esxi(self)
+        client = yield self.open(esxi, port=silent.port)
+        code, _ = yield client.closed
+        self.assertEqual(code, ANSWERS[Kind.BACKEND_TIMEOUT].close)
+        yield self.consoled.wait_sessions_ended()

@@ -98,7 +98,9 @@ def check_pin(der: bytes, pin: str, whose: str) -> None:
         log.warn(
             "WebMKS: {whose} has thumbprint {got}; expected {pin}", whose=whose, got=got, pin=pin
         )
-        raise Refusal(Kind.BACKEND_TLS, f"{whose} has thumbprint {got}, not the pinned {pin}")
+        raise Refusal(
+            Kind.BACKEND_TLS, f"{whose} does not match the pinned thumbprint ({got}, not {pin})"
+        )
 
 
 def _clean(value: Any, name: str) -> str:
