@@ -319,7 +319,11 @@ class ConnectorTests(TestCase):
         server = serve(self, self.pki, hang_up=True)
         refusal = await self.refused(spice_tls(self.pki), server.port)
         self.assertEqual(refusal.ending.kind, Kind.BACKEND_TLS)
-        self.assertIn(f"SPICE server {HOST}:{server.port}", refusal.ending.detail)
+        self.assertEqual(
+            refusal.ending.detail,
+            f"closed during the TLS handshake (SPICE server {HOST}:{server.port};"
+            f" trusted: [spice] ca_certs {self.pki.ca_cert})",
+        )
 
     async def test_silent_server_times_out(self) -> None:
         """A server that never answers the ClientHello: the connect timeout covers the TLS."""

@@ -208,9 +208,8 @@ class ServerTLS:
         self._backend.handshake_done(self._early)
 
     def closed(self, reason: Failure) -> Refusal:
-        return Refusal(
-            Kind.BACKEND_TLS, "the SPICE server closed the connection during the TLS handshake"
-        )
+        # No alert, no reason: say where in the exchange, explain() says where to.
+        return Refusal(Kind.BACKEND_TLS, "closed during the TLS handshake")
 
 
 def connect_spice(spice: SpiceTLS, reactor: Any, info: ConnectInfo, *, timeout: float) -> Any:
