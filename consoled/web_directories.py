@@ -11,6 +11,7 @@ install (`refusal`).  ``consoled-manage check`` reports the same lines.
 | spice | ``[consoled] spice_web`` | spice-html5 (spice_auto.html) | Debian's ``spice-html5`` |
 | serial | ``[consoled] serial_web`` | a serial page of the operator's | the operator |
 | serial | ``[consoled] xterm_dir`` | xterm.js, for consoled's own serial.html | ``npm install`` |
+| webmks | ``[consoled] mks_web`` | the WebMKS SDK page (when set) | the operator (VMware's SDK) |
 
 The serial door's own page (``consoled/web/serial.html``) ships in the
 package; xterm.js is required only while ``serial_web`` is unset, because
@@ -90,6 +91,15 @@ def web_directories(settings: Settings) -> list[WebDirectory]:
                     "at node_modules/@xterm/xterm",
                 )
             )
+    if settings.mks.enabled and settings.consoled.mks_web:
+        wanted.append(
+            WebDirectory(
+                "webmks",
+                "[consoled] mks_web",
+                settings.consoled.mks_web,
+                "put your WebMKS SDK page there, or unset the option for consoled's own page",
+            )
+        )
     return wanted
 
 

@@ -22,10 +22,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from consoled.backends.webmks import MAX_LINE, AuthdExchange, MksTicket, normal_thumbprint
 from consoled.endings import ANSWERS, Kind, Refusal
 from consoled.tokens import ConnectInfo
+from consoled.web_directories import missing_web_directories
 from tests.authd import GREETING, serve_authd, serve_esxi
 from tests.harness import Consoled, test_settings
 from tests.hypervisors import Hypervisor, serve
-from tests.wsclient import ws_connect
+from tests.wsclient import http_request, ws_connect
 
 FIRST_DER = b"first certificate"
 SECOND_DER = b"second certificate"
@@ -237,6 +238,16 @@ def mks_settings(**consoled: Any) -> Any:
     return dataclasses.replace(base, mks=dataclasses.replace(base.mks, enabled=True))
 
 
+class WebDirectoryTests(SynchronousTestCase):
+    def test_mks_web_missing(self) -> None:
+        """A named mks_web that does not exist stops start-up; unset, the shipped page serves."""
+        settings = mks_settings(mks_web="/nonexistent/wmks")
+        self.assertEqual(
+            [each.option for each in missing_web_directories(settings)], ["[consoled] mks_web"]
+        )
+        self.assertEqual(missing_web_directories(mks_settings()), [])
+
+
 class WebMksDoorTests(TestCase):
     """Through consoled's WebMKS door to the stand-in authd, over real sockets."""
 
@@ -350,6 +361,15 @@ class WebMksDoorTests(TestCase):
     def test_endless_line(self) -> Any:
         """A banner that never ends is refused once it passes MAX_LINE bytes."""
         yield self.refused(serve_authd(self, banner=b"220 " + b"x" * 5000), Kind.BACKEND_REFUSED)
+
+    @defer.inlineCallbacks
+    def test_page(self) -> Any:
+        """nova's default URL (``/?token=``) gets consoled's own WebMKS page, which asks to explain."""
+        request = b"GET /?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        status, _, body = yield http_request(self.consoled.port("webmks"), request)
+        self.assertEqual(status, 200)
+        self.assertIn(b'new WebSocket(url, ["binary"])', body)
+        self.assertIn(b"explain=1", body)
 
     @defer.inlineCallbacks
     def test_other_types_refused_at_the_door(self) -> Any:

@@ -23,8 +23,8 @@ refused) and the whole exchange must end within ``[consoled]
 connect_timeout`` (else 4504).  Bytes authd sends after a line that precedes a
 TLS start are dropped, as nova-mksproxy's ``recv(1024)`` drops them.
 
-The exchange (:class:`AuthdExchange`) is transport-free; :class:`TlsSessions`
-runs its TLS sessions one after the other over the raw TCP connection (Twisted's
+The exchange (:class:`AuthdExchange`) is transport-free;
+:class:`~consoled.backends.tls_sessions.TlsSessions` runs its TLS sessions one after the other over the raw TCP connection (Twisted's
 ``startTLS`` runs one per connection), so the relay ends up writing through
 the second session, with its flow control.
 
@@ -47,14 +47,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from consoled.backends.tcp import BackendProtocol, connect_backend
+from consoled.backends.tls_sessions import TlsSessions
 from consoled.endings import Kind, Refusal
 from consoled.redaction import redact
 from consoled.tls import client_options
@@ -257,96 +254,6 @@ def _expect(line: bytes, code: str, what: str) -> str:
     if _code(line) != code:
         raise Refusal(Kind.BACKEND_REFUSED, f"authd refused {what}: it answered {_quote(line)}")
     return line[len(code) :].strip().decode("latin-1")
-
-
-class _Tap:
-    """A TLS session's view of the TCP transport; cut once the session is abandoned."""
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self.cut = False
-
-    def write(self, data: bytes) -> None:
-        if not self.cut:
-            self._transport.write(data)
-
-    def writeSequence(self, data: Any) -> None:
-        if not self.cut:
-            self._transport.writeSequence(data)
-
-    def loseConnection(self) -> None:
-        if not self.cut:
-            self._transport.loseConnection()
-
-    def abortConnection(self) -> None:
-        if not self.cut:
-            self._transport.abortConnection()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-@implementer(IHandshakeListener)
-class _Session(Protocol):
-    """What one TLS session hands up: to the backend, while it is the latest."""
-
-    def __init__(self, backend: BackendProtocol) -> None:
-        self.backend = backend
-        self.current = True
-
-    def makeConnection(self, transport: Any) -> None:
-        self.transport = transport
-        self.backend.transport = transport  # the backend writes through this session now
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.current:
-            self.backend.dataReceived(data)
-
-    def handshakeCompleted(self) -> None:
-        if self.current:
-            self.backend.handshakeCompleted()
-
-    def connectionLost(self, reason: Failure) -> None:
-        if self.current:
-            self.backend.connectionLost(reason)
-
-
-class TlsSessions(Protocol):
-    """The TCP connection under a backend: in the clear, then through its latest TLS session.
-
-    :meth:`start_tls` starts a TLS session (client side) on the raw
-    connection; a second call abandons the first without shutting it down
-    (nothing it might still write reaches the socket) and starts another.
-    The backend's ``transport`` is always the latest session.
-    """
-
-    def __init__(self, backend: BackendProtocol) -> None:
-        self.backend = backend
-        self._session: TLSMemoryBIOProtocol | None = None
-        self._tap: _Tap | None = None
-
-    @property
-    def ready(self) -> Any:
-        return self.backend.ready
-
-    def connectionMade(self) -> None:
-        self.backend.makeConnection(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        (self._session or self.backend).dataReceived(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        (self._session or self.backend).connectionLost(reason)
-
-    def start_tls(self, options: Any) -> None:
-        if self._session is not None:
-            assert self._tap is not None
-            self._tap.cut = True
-            self._session.wrappedProtocol.current = False
-        self._tap = _Tap(self.transport)
-        factory = TLSMemoryBIOFactory(options, True, Factory())
-        self._session = TLSMemoryBIOProtocol(factory, _Session(self.backend))
-        self._session.makeConnection(self._tap)
 
 
 class AuthdHandshake:
