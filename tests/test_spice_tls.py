@@ -27,11 +27,13 @@ from consoled.config import Settings, SpiceSettings, load_settings
 from consoled.endings import ANSWERS, Kind, Refusal
 from consoled.tls import TLSError
 from consoled.tokens import ConnectInfo
+from tests import test_startup
 from tests.browser import launch_browser, wait_for_canvas
 from tests.harness import Consoled, test_settings
 from tests.hypervisors import closed_port
 from tests.peers import (
     HOST,
+    free_port,
     require_peer,
     spice_link_message,
     spice_link_reply_complete,
@@ -481,3 +483,38 @@ class SpiceHtml5Tests(TestCase):
         self.assertEqual({row["end_reason"] for row in rows}, {None})
         yield browser.close()
         yield consoled.wait_sessions_ended()
+
+
+class SpiceStartTests(TestCase):
+    """A real ``twistd consoled`` whose [spice] TLS options cannot be used refuses to start."""
+
+    timeout = 60
+    config = test_startup.RefusedStartTests.config
+    refused = test_startup.RefusedStartTests.refused
+    assertOneLine = test_startup.RefusedStartTests.assertOneLine
+
+    def spice(self, options: str) -> str:
+        door = f"enabled = true\nhtml5proxy_host = {HOST}\nhtml5proxy_port = {free_port()}\n"
+        return self.config(f"[spice]\n{door}{options}")
+
+    @defer.inlineCallbacks
+    def test_ca_certs_missing(self) -> Any:
+        """A ca_certs file that does not exist: one line naming the option and the file."""
+        absent = os.path.join(os.path.abspath(self.mktemp()), "ca.pem")
+        twistd = yield self.refused(self.spice(f"ca_certs = {absent}\n"))
+        self.assertOneLine(twistd, f"[spice] ca_certs: cannot read TLS CA bundle {absent}")
+
+    @defer.inlineCallbacks
+    def test_ca_certs_not_pem(self) -> Any:
+        """A ca_certs file with no certificate in it (a key, say): one line naming it."""
+        pki = make_pki(os.path.abspath(self.mktemp()))
+        twistd = yield self.refused(self.spice(f"ca_certs = {pki.client_key}\n"))
+        self.assertOneLine(
+            twistd, f"[spice] ca_certs: no PEM certificate in TLS certificate file {pki.client_key}"
+        )
+
+    @defer.inlineCallbacks
+    def test_host_subject_bad(self) -> Any:
+        """A host_subject with an unknown key: one line naming the option and the part."""
+        twistd = yield self.refused(self.spice("host_subject = CN=a,XX=b\n"))
+        self.assertOneLine(twistd, "[spice] host_subject: 'XX=b' is not KEY=value")
