@@ -312,6 +312,21 @@ class CheckTests(CheckBase):
         self.assertEqual(status, 1, lines)
         self.assertFinding(lines, "error: serial door: ", f"[consoled] xterm_dir {xterm}", "npm")
 
+    @defer.inlineCallbacks
+    def test_serial_web_missing(self) -> Any:
+        """A serial page directory of the operator's that is missing: its option is named,
+        and xterm.js is not asked for (the page is the operator's)."""
+        serial_web = os.path.abspath(self.mktemp())
+        config = self.config(
+            f"[serial_console]\nenabled = true\nserialproxy_host = {HOST}\n"
+            f"serialproxy_port = {free_port()}\n[consoled]\nserial_web = {serial_web}\n"
+            f"xterm_dir = {os.path.abspath(self.mktemp())}\n"
+        )
+        status, lines = yield self.check(config)
+        self.assertEqual(status, 1, lines)
+        self.assertFinding(lines, "error: serial door: ", f"[consoled] serial_web {serial_web}")
+        self.assertEqual([line for line in lines if "xterm_dir" in line], [])
+
 
 class WildcardTests(SynchronousTestCase):
     """Doors on 0.0.0.0 or :: without TLS, bound on a memory reactor (nothing really binds)."""
