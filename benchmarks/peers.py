@@ -339,6 +339,10 @@ class ConsoledSetup:
             "proxy_name = bench\n"
             "xvp_enabled = false\n"
             "ping_interval = 0\n"
+            # Every benchmark client comes from 127.0.0.1, many with one token.
+            "max_connections_per_address = 0\n"
+            "max_sessions_per_token = 0\n"
+            "max_sessions_per_instance = 0\n"
             f"workers = {workers}\n" + doors[door]
         )
         return path

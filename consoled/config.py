@@ -223,6 +223,14 @@ class ConsoledSettings:
     record_max_bytes: int = opt(10_000_000, integer(1))
     record_max_files: int = opt(5, integer(1))
     workers: int = opt(1, integer(1, 64))
+    # Abuse limits (0 turns one off); docs/configuration.md, docs/refusals.md.
+    failed_token_limit: int = opt(30, integer(0))
+    failed_token_window: float = opt(60.0, seconds())
+    failed_token_ban: float = opt(300.0, seconds())
+    max_connections_per_address: int = opt(200, integer(0))
+    max_sessions_per_token: int = opt(16, integer(0))
+    max_sessions_per_instance: int = opt(32, integer(0))
+    http_connection_max: float = opt(60.0, seconds(zero_ok=True))
 
     def __post_init__(self) -> None:
         # A lease renewed no more often than it lasts would lapse between touches.

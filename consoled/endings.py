@@ -21,6 +21,9 @@ class Kind(enum.Enum):
     BAD_REQUEST = "bad request"
     STORE_UNAVAILABLE = "token store unavailable"
     PORT_BUSY = "console port in use"
+    TOO_MANY_FAILURES = "too many failed token checks"
+    TOO_MANY_CONNECTIONS = "too many connections from this address"
+    TOO_MANY_SESSIONS = "too many sessions"
     # Endings of a session that started.
     BACKEND_UNREACHABLE = "console unreachable"
     BACKEND_TIMEOUT = "console did not answer in time"
@@ -74,6 +77,9 @@ ANSWERS: dict[Kind, Answer] = {
     Kind.BAD_REQUEST: Answer(400, 4400),
     Kind.STORE_UNAVAILABLE: Answer(503, 4503),
     Kind.PORT_BUSY: Answer(409, 4409),
+    Kind.TOO_MANY_FAILURES: Answer(429, 4429),
+    Kind.TOO_MANY_CONNECTIONS: Answer(429, 4429),
+    Kind.TOO_MANY_SESSIONS: Answer(429, 4429),
     Kind.BACKEND_UNREACHABLE: Answer(502, 4502),
     Kind.BACKEND_TIMEOUT: Answer(504, 4504),
     Kind.BACKEND_REFUSED: Answer(502, 4506),

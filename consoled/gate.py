@@ -3,11 +3,13 @@
 ::
 
     door ─► Gate.admit(door, token, facts) ─► Deferred[Pass], or a Refusal
+              0. the client address is not banned for failed token checks
               1. the token: present, printable, not absurdly long; hashed once
               2. its row: one store look-up (a thread hop)
               3. the console type fits the door
               4. the Origin (browsers send one; other clients pass)
-              5. a serial console: the writer's lease, else a spectator's seat
+              5. live sessions of this token and of its instance under their caps
+              6. a serial console: the writer's lease, else a spectator's seat
               all of it within ``timeout``, or STORE_UNAVAILABLE
     door ─► Pass.start(client) ─► the Endpoint that takes the client's bytes
               (a Relay to the backend connector the row chose, or a Spectator)
@@ -18,7 +20,8 @@ Nothing here knows which door it serves but by name.  A door whose client
 leaves while admission is under way cancels the Deferred; what the gate took
 meanwhile (a session row, a lease) is given back when it arrives, and no timer
 is left behind.  Every refusal is logged here, once, with the first 8 hex of
-the token's hash and never the token.
+the token's hash and never the token.  An invalid token counts against its
+client address (:class:`consoled.limits.FailureThrottle`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from twisted.python.failure import Failure
 
 from consoled.backends import Backends, Connector
 from consoled.endings import Ending, Kind, Refusal
+from consoled.limits import FailureThrottle
 from consoled.policy import Network, check_console_type, check_origin, is_trusted
 from consoled.sessions import LEASED_TYPES, Admission, Sessions
 from consoled.sessions.relay import ClientSide
@@ -144,9 +148,15 @@ class Gate:
         allowed_origins: Iterable[str] = (),
         trusted_proxies: Iterable[Network] = (),
         backends: Backends | None = None,
+        throttle: FailureThrottle | None = None,
+        max_sessions_per_token: int = 0,
+        max_sessions_per_instance: int = 0,
     ) -> None:
         self._store = store
         self._backends = backends or Backends()
+        self._throttle = throttle
+        self._max_per_token = max_sessions_per_token
+        self._max_per_instance = max_sessions_per_instance
         self._sessions = sessions
         self._clock = clock
         self._timeout = timeout
@@ -169,6 +179,7 @@ class Gate:
         timer: list[IDelayedCall] = []
         outcome: defer.Deferred[Pass] = defer.Deferred(lambda _: _stop(timer))
         try:
+            self._not_banned(address)
             token_hash = _hashed(token)
         except Refusal as refusal:
             log_refusal(door, address, refusal)
@@ -194,6 +205,8 @@ class Gate:
                 return None
             if result.check(Refusal):
                 refusal = result.value
+                if refusal.ending.kind is Kind.INVALID_TOKEN and self._throttle is not None:
+                    self._throttle.failed(address)
             else:
                 log.failure("admission at the {door} door failed", result, door=door)
                 refusal = Refusal(Kind.INTERNAL, hash_prefix=prefix)
@@ -219,6 +232,7 @@ class Gate:
             allowed_origins=self._allowed_origins,
             trusted_proxies=self._trusted_proxies,
         )
+        self._under_caps(info)
         if info.console_type not in LEASED_TYPES:
             return Pass(
                 self._sessions, door, info, address, connector=self._backends.connector_for(info)
@@ -236,6 +250,29 @@ class Gate:
             lambda admission: Pass(self._sessions, door, info, address, admission), seat
         )
         return leasing
+
+    def _not_banned(self, address: str) -> None:
+        """Step 0: answered without touching the store."""
+        until = None if self._throttle is None else self._throttle.banned_until(address)
+        if until is not None:
+            left = until - self._clock.seconds()
+            raise Refusal(Kind.TOO_MANY_FAILURES, f"this address may try again in {left:.0f}s")
+
+    def _under_caps(self, info: ConnectInfo) -> None:
+        """Step 5: OSSN-0008's caps, on this proxy's live sessions."""
+        per_token, per_instance = self._sessions.open_for(info)
+        if self._max_per_token and per_token >= self._max_per_token:
+            raise Refusal(
+                Kind.TOO_MANY_SESSIONS,
+                f"{per_token} live sessions of this token",
+                hash_prefix=info.hash_prefix,
+            )
+        if self._max_per_instance and per_instance >= self._max_per_instance:
+            raise Refusal(
+                Kind.TOO_MANY_SESSIONS,
+                f"{per_instance} live sessions of instance {info.instance_uuid}",
+                hash_prefix=info.hash_prefix,
+            )
 
     def _too_slow(
         self, outcome: defer.Deferred[Pass], door: str, address: str, prefix: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from typing import Any
 
@@ -22,11 +23,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from consoled.config import Settings
+from consoled.doors.answers import plain_response
 from consoled.doors.serial_tcp import SerialTCPFactory
 from consoled.doors.web import DoorFactory, door_site
 from consoled.doors.websocket import ConsoleServerFactory, Door
 from consoled.doors.xvp import XVPFactory
+from consoled.endings import ANSWERS, Ending
 from consoled.gate import Gate
+from consoled.limits import PeerLimit
 from consoled.tls import HTTP_ALPN, ReloadableServerTLS, reload_on_sighup, tls_factory
 
 log = Logger()
@@ -209,6 +213,16 @@ class CertificateReloader(Service):
             self._uninstall()
 
 
+def http_answer(ending: Ending) -> bytes:
+    """An early refusal on an HTTP door: the kind's status and the reason."""
+    return plain_response(ANSWERS[ending.kind].http, str(ending))
+
+
+def line_answer(ending: Ending) -> bytes:
+    """An early refusal on the raw serial door: the reason on a line."""
+    return f"console unavailable: {ending}\r\n".encode()
+
+
 def door(
     name: str,
     description: str,
@@ -220,12 +234,22 @@ def door(
     first_byte_timeout: float,
     reactor: Any,
     alpn: tuple[bytes, ...] = (),
+    answer: Callable[[Ending], bytes] = http_answer,
 ) -> DoorService:
     """A listener where ``place``'s options say, serving ``factory``, behind TLS as configured.
 
     ``alpn``: the protocols its TLS may select from a client's ALPN list.
+    ``answer``: how the door says a refusal before its protocol speaks
+    (one connection too many from an address): an HTTP status by default.
     """
     host, port = place.read(settings)
+    factory = PeerLimit(
+        name,
+        factory,
+        settings.consoled.max_connections_per_address,
+        answer,
+        trusted=settings.consoled.trusted_proxies,
+    )
     if settings.consoled.workers > 1:
         endpoint: Any = SharedPortEndpoint(reactor, host, port)
     else:
@@ -276,6 +300,7 @@ def websocket_doors(
             factory,
             reactor,
             c.handshake_timeout,
+            c.http_connection_max,
         )
         doors.append(
             door(
@@ -345,5 +370,6 @@ def serial_tcp_doors(
             tls=tls if settings.default.ssl_only else None,
             first_byte_timeout=0,
             reactor=reactor,
+            answer=line_answer,
         )
     ]

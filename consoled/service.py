@@ -22,6 +22,7 @@ from consoled import malloc
 from consoled.backends import Backends
 from consoled.config import ConfigError, Settings, load_settings
 from consoled.gate import Gate
+from consoled.limits import FailureThrottle
 from consoled.listeners import (
     CertificateReloader,
     DoorService,
@@ -302,6 +303,14 @@ def compose(
         allowed_origins=settings.console.allowed_origins,
         trusted_proxies=settings.consoled.trusted_proxies,
         backends=backends,
+        throttle=FailureThrottle(
+            clock or reactor,
+            settings.consoled.failed_token_limit,
+            settings.consoled.failed_token_window,
+            settings.consoled.failed_token_ban,
+        ),
+        max_sessions_per_token=settings.consoled.max_sessions_per_token,
+        max_sessions_per_instance=settings.consoled.max_sessions_per_instance,
     )
     for door in build_doors(settings, gate, reactor, tls, proxy_name(settings, worker)):
         door.setServiceParent(top)

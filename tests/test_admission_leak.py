@@ -458,6 +458,9 @@ class DroppedUpgradesDaemonTests(TestCase):
                 f"[database]\nconnection = {url}\n"
                 f"[vnc]\nnovncproxy_host = 127.0.0.1\nnovncproxy_port = {ports[0]}\n"
                 f"[consoled]\nxvp_enabled = false\nping_interval = {PING_INTERVAL}\n"
+                # Thousands of upgrades from 127.0.0.1 with one token: no limits.
+                "max_connections_per_address = 0\n"
+                "max_sessions_per_token = 0\nmax_sessions_per_instance = 0\n"
                 "db_threads = 1\n"
             ),
         )

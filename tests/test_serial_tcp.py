@@ -126,6 +126,9 @@ class FakeSessions:
     def can_watch(self, info: ConnectInfo) -> bool:
         return False
 
+    def open_for(self, info: ConnectInfo) -> tuple[int, int]:
+        return 0, 0
+
     def release(self, admission: Admission, reason: str) -> None:
         self.released.append(reason)
 

@@ -3,7 +3,8 @@ everything else to a twisted.web Site that serves static files.
 
 - GET and HEAD only (405 otherwise); no directory listings (404).
 - A request head must be complete within ``[consoled] handshake_timeout``
-  (408) and stay under 16 KiB (431).
+  (408) and stay under 16 KiB (431); a connection for files is closed after
+  ``[consoled] http_connection_max`` seconds however busy it keeps.
 - A request target starting with ``//`` is answered 400: browsers read
   ``//host/…`` as another site, the open redirect of CVE-2021-3654.
 - No log line shows a request's query string or fragment (noVNC's URL
@@ -187,6 +188,12 @@ class DoorProtocol(Protocol):
             self.transport.loseConnection()
             return
         self._cancel_deadline()
+        if not upgrade and self.factory.connection_max:
+            # Keep-alive requests, each within the Site's idle timeout, could
+            # hold a file connection for ever (a byte every few seconds).
+            self._deadline = self.factory.clock.callLater(
+                self.factory.connection_max, self._held_too_long
+            )
         self._chosen = chosen
         # From here on the transport's reads come straight to the chosen one.
         self.dataReceived = chosen.dataReceived  # type: ignore[method-assign]
@@ -203,6 +210,16 @@ class DoorProtocol(Protocol):
         self._deadline = None
         timeout = self.factory.timeout
         self._answer(408, f"no complete request within {timeout:g}s")
+
+    def _held_too_long(self) -> None:
+        self._deadline = None
+        log.info(
+            "closed an HTTP connection from {client}: open {seconds:g}s"
+            " ([consoled] http_connection_max)",
+            client=getattr(self.transport.getPeer(), "host", "?"),
+            seconds=self.factory.connection_max,
+        )
+        self.transport.abortConnection()
 
     def _answer(self, code: int, why: str) -> None:
         """Refuse before any request was parsed: a status line, a short body, one log line."""
@@ -229,12 +246,19 @@ class DoorFactory(Factory):
     noisy = False
 
     def __init__(
-        self, site: DoorSite, websocket: ConsoleServerFactory, clock: IReactorTime, timeout: float
+        self,
+        site: DoorSite,
+        websocket: ConsoleServerFactory,
+        clock: IReactorTime,
+        timeout: float,
+        connection_max: float = 0,
     ) -> None:
         self.site = site
         self.websocket = websocket
         self.clock = clock
         self.timeout = timeout
+        #: the longest a connection that is not a websocket may stay open (0: no cap)
+        self.connection_max = connection_max
 
     def doStart(self) -> None:
         super().doStart()

@@ -8,6 +8,7 @@ on a timer and, on shut-down, ends every session and waits for the rows.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,9 @@ class Sessions(Seats, Service):
         self._idle_timeout = idle_timeout
         self._enforce_session_timeout = enforce_session_timeout
         self.live: set[Session] = set()
+        #: live sessions per token digest and per instance (the gate's session limits)
+        self._per_token: Counter[str] = Counter()
+        self._per_instance: Counter[str] = Counter()
         #: ended sessions whose rows are still being written
         self._closing: set[Session] = set()
 
@@ -211,7 +215,7 @@ class Sessions(Seats, Service):
                 self.release(admission, Ending(Kind.SHUTDOWN).kind.value)
             relay.end(Ending(Kind.SHUTDOWN))
             return relay
-        self.live.add(session)
+        self._add_live(session)
         if admission is not None:
             self._admitted(admission, session)
         else:
@@ -224,6 +228,27 @@ class Sessions(Seats, Service):
             row.addCallbacks(self._row_written, self._row_failed, (session,), None, (session,))
             self._connect(session)
         return relay
+
+    def open_for(self, info: ConnectInfo) -> tuple[int, int]:
+        """Live sessions of this proxy for ``info``'s token, and for its instance."""
+        return self._per_token[info.token_hash], self._per_instance[info.instance_uuid]
+
+    def _add_live(self, session: Session) -> None:
+        self.live.add(session)
+        self._per_token[session.info.token_hash] += 1
+        self._per_instance[session.info.instance_uuid] += 1
+
+    def _drop_live(self, session: Session) -> None:
+        if session not in self.live:
+            return
+        self.live.discard(session)
+        for counter, key in (
+            (self._per_token, session.info.token_hash),
+            (self._per_instance, session.info.instance_uuid),
+        ):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
 
     def _admitted(self, admission: Admission, session: Session) -> None:
         session.holds_lease = admission.holds_lease
@@ -253,7 +278,7 @@ class Sessions(Seats, Service):
         log.failure("cannot record a session", failure)
         assert session.relay is not None
         session.relay.end(Ending(Kind.STORE_UNAVAILABLE))
-        self.live.discard(session)
+        self._drop_live(session)
         session.finished.callback(None)
 
     def _backend_ready(self, protocol: BackendProtocol, session: Session) -> None:
@@ -311,7 +336,7 @@ class Sessions(Seats, Service):
     def _finish(self, session: Session, ending: Ending) -> None:
         if session.finished.called or session not in self.live:
             return
-        self.live.discard(session)
+        self._drop_live(session)
         self._closing.add(session)
         key = (session.info.host, session.info.port)
         if self._writers.get(key) is session:
