@@ -124,6 +124,8 @@ class Sessions(Seats, Service):
         self._per_instance: Counter[str] = Counter()
         #: ended sessions whose rows are still being written
         self._closing: set[Session] = set()
+        #: what this proxy's previous life left behind, given back at start
+        self._reclaimed: defer.Deferred[Any] = defer.succeed(None)
 
     def admit(self, info: ConnectInfo, door: str, client_address: str) -> defer.Deferred[Admission]:
         """Write the row and take the lease of a leased console, before the door answers.
@@ -144,10 +146,12 @@ class Sessions(Seats, Service):
 
         # A user who reconnects at once finds the port still held by their
         # own session's release, in flight on a database thread: wait for it
-        # rather than race it and be refused as busy.
+        # rather than race it and be refused as busy.  Likewise for the
+        # leases of this proxy's previous life, given back at start.
         releasing = self._releasing(info)
-        if releasing:
-            opening = defer.DeferredList(releasing).addCallback(open_writer)
+        if releasing or not self._reclaimed.called:
+            waits = [*releasing, observe(self._reclaimed)]
+            opening = defer.DeferredList(waits).addCallback(open_writer)
         else:
             opening = open_writer()
 
@@ -415,6 +419,24 @@ class Sessions(Seats, Service):
                 reason=reason or "-",
             )
             session.relay.end(Ending(Kind.KICKED, reason))
+
+    def startService(self) -> None:
+        super().startService()
+        self._reclaimed = self._store.reclaim(self.proxy).addCallbacks(
+            self._reported_reclaim,
+            lambda f: log.failure("giving back this proxy's stale leases failed", f),
+        )
+
+    def _reported_reclaim(self, counts: tuple[int, int]) -> None:
+        ended, dropped = counts
+        if ended or dropped:
+            log.info(
+                "proxy {proxy} restarted: ended {ended} session row(s) and gave back"
+                " {dropped} serial lease(s) its previous process left",
+                proxy=self.proxy,
+                ended=ended,
+                dropped=dropped,
+            )
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()

@@ -272,6 +272,27 @@ class SessionRows(StorePart):
             query = query.where(sessions_table.c.ended_at.is_(None))
         return self._run(lambda connection: [dict(r._mapping) for r in connection.execute(query)])
 
+    def reclaim(self, proxy: str) -> defer.Deferred[tuple[int, int]]:
+        """A proxy starting under ``proxy``'s name holds no session yet: end the
+        rows and drop the leases its previous life left (killed, not stopped).
+
+        Returns (rows ended, leases dropped).
+        """
+        now = self._now()
+
+        def reclaim(connection: sa.Connection) -> tuple[int, int]:
+            dropped = connection.execute(
+                leases_table.delete().where(leases_table.c.proxy == proxy)
+            ).rowcount
+            ended = connection.execute(
+                sessions_table.update()
+                .where(sessions_table.c.proxy == proxy, sessions_table.c.ended_at.is_(None))
+                .values(ended_at=now, end_reason="proxy restarted: session lost")
+            ).rowcount
+            return ended, dropped
+
+        return self._run(reclaim)
+
     def end_lost_sessions(self, silent_for: float) -> defer.Deferred[int]:
         """End rows no proxy has touched for ``silent_for`` seconds (their proxy died),
         and drop lapsed leases."""
