@@ -208,7 +208,7 @@ class ServerTLS:
         self._backend.handshake_done(self._early)
 
     def closed(self, reason: Failure) -> Refusal:
-        # No alert, no reason: say where in the exchange, explain() says where to.
+        # The server sent no alert, so no reason: say when; explain() adds which server.
         return Refusal(Kind.BACKEND_TLS, "closed during the TLS handshake")
 
 
