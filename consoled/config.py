@@ -202,6 +202,10 @@ class ConsoledSettings:
     mks_port: int = opt(6090, port)
     mks_web: str | None = opt(None, str)
     trusted_proxies: tuple[IPNetwork, ...] = opt((), networks)
+    # Doors that read a PROXY protocol header first (HAProxy send-proxy): docs/deployment.md.
+    proxy_protocol: tuple[str, ...] = opt(
+        (), each(choice("novnc", "spice", "serial", "webmks", "xvp", "serial-tcp"))
+    )
     connect_timeout: float = opt(10.0, seconds())
     admission_timeout: float = opt(10.0, seconds())
     ping_interval: float = opt(25.0, seconds(zero_ok=True))

@@ -31,6 +31,7 @@ from consoled.doors.xvp import XVPFactory
 from consoled.endings import ANSWERS, Ending
 from consoled.gate import Gate
 from consoled.limits import PeerLimit
+from consoled.proxy_protocol import ProxyHeaderFactory
 from consoled.tls import HTTP_ALPN, ReloadableServerTLS, reload_on_sighup, tls_factory
 
 log = Logger()
@@ -262,6 +263,12 @@ def door(
         first_byte_timeout=first_byte_timeout,
         alpn=alpn,
     )
+    if name in settings.consoled.proxy_protocol:
+        # Outermost: the header precedes TLS, and the chain behind it (PeerLimit
+        # too) is built with the client's address it names.
+        wrapped = ProxyHeaderFactory(
+            name, wrapped, reactor, trusted=settings.consoled.trusted_proxies
+        )
     return DoorService(name, description, endpoint, wrapped, place)
 
 
