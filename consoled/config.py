@@ -170,6 +170,36 @@ class DefaultSettings:
             raise ConfigError(None, "DEFAULT", "cert", f"expected {wanted}, got ''")
 
 
+def _memcache_server(text: str) -> tuple[str, int]:
+    """One of nova's [cache] memcache_servers: host:port, [v6]:port or inet6:[v6]:port."""
+    wanted = "host:port"
+    rest = text[len("inet6:") :] if text.startswith("inet6:") else text
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        number = tail[1:] if tail.startswith(":") else ("" if not tail else "x")
+    else:
+        host, _, number = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    try:
+        value = int(number) if number else 11211
+    except ValueError:
+        value = 0
+    if not host or not 0 < value < 65536 or "/" in host:
+        raise ValueError(f"expected {wanted}, got {text!r}")
+    return host, value
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """[cache]: oslo.cache's names and defaults, read only for the legacy consoleauth store."""
+
+    enabled: bool = opt(False, boolean)
+    backend: str = opt("dogpile.cache.null", str)
+    memcache_servers: tuple[tuple[str, int], ...] = opt(
+        (("localhost", 11211),), each(_memcache_server)
+    )
+    memcache_socket_timeout: float = opt(1.0, seconds())
+
+
 @dataclass(frozen=True, slots=True)
 class WorkaroundsSettings:
     """[workarounds]"""
@@ -257,6 +287,7 @@ class Settings:
     mks: MksSettings = field(default_factory=MksSettings)
     default: DefaultSettings = field(default_factory=DefaultSettings)
     workarounds: WorkaroundsSettings = field(default_factory=WorkaroundsSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     consoled: ConsoledSettings = field(default_factory=ConsoledSettings)
 
     def access_url_base(self, console_type: str) -> str:

@@ -5,7 +5,9 @@
     door ─► Gate.admit(door, token, facts) ─► Deferred[Pass], or a Refusal
               0. the client address is not banned for failed token checks
               1. the token: present, printable, not absurdly long; hashed once
-              2. its row: one store look-up (a thread hop)
+              2. its row: one store look-up (a thread hop); with no row and
+                 [workarounds] enable_consoleauth, nova's legacy consoleauth
+                 entry in memcached (consoled/consoleauth.py), logged as legacy
               3. the console type fits the door
               4. the Origin (browsers send one; other clients pass)
               5. live sessions of this token and of its instance under their caps
@@ -59,6 +61,12 @@ class Facts:
     host: str | None = None
     forwarded_for: str | None = None
     forwarded_proto: str | None = None
+
+
+class LegacyLookup(Protocol):
+    """Where a token with no row leads by nova's legacy consoleauth store."""
+
+    def find_legacy(self, token: str) -> defer.Deferred[ConnectInfo | None]: ...
 
 
 class Endpoint(Protocol):
@@ -151,8 +159,10 @@ class Gate:
         throttle: FailureThrottle | None = None,
         max_sessions_per_token: int = 0,
         max_sessions_per_instance: int = 0,
+        legacy: LegacyLookup | None = None,
     ) -> None:
         self._store = store
+        self._legacy = legacy
         self._backends = backends or Backends()
         self._throttle = throttle
         self._max_per_token = max_sessions_per_token
@@ -190,6 +200,8 @@ class Gate:
             self._clock.callLater(self._timeout, self._too_slow, outcome, door, address, prefix)
         )
         work = self._store.find_token(token_hash)
+        if self._legacy is not None:
+            work.addCallback(self._or_legacy, token, door, prefix)
         work.addCallbacks(
             self._checked, _store_failed, (door, facts, address, prefix), None, (prefix,)
         )
@@ -216,6 +228,27 @@ class Gate:
 
         work.addBoth(settle)
         return outcome
+
+    def _or_legacy(
+        self, info: ConnectInfo | None, token: str, door: str, prefix: str
+    ) -> ConnectInfo | None | defer.Deferred[ConnectInfo | None]:
+        """Step 2 again, for a token with no row: the legacy consoleauth store."""
+        if info is not None or self._legacy is None:
+            return info
+
+        def found(legacy: ConnectInfo | None) -> ConnectInfo | None:
+            if legacy is not None:
+                log.info(
+                    "legacy consoleauth token {hash_prefix} for a {console_type} console "
+                    "at the {door} door",
+                    hash_prefix=prefix,
+                    console_type=legacy.console_type,
+                    door=door,
+                    legacy=True,
+                )
+            return legacy
+
+        return self._legacy.find_legacy(token).addCallback(found)
 
     def _checked(
         self, info: ConnectInfo | None, door: str, facts: Facts, address: str, prefix: str

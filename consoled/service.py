@@ -21,6 +21,7 @@ from twisted.python import usage
 from consoled import malloc
 from consoled.backends import Backends
 from consoled.config import ConfigError, Settings, load_settings
+from consoled.consoleauth import legacy_from_settings
 from consoled.gate import Gate
 from consoled.limits import FailureThrottle
 from consoled.listeners import (
@@ -295,6 +296,9 @@ def compose(
     backends = Backends.from_settings(settings)
     if tls is not None:
         CertificateReloader(tls, reactor).setServiceParent(top)
+    legacy = legacy_from_settings(settings, reactor, clock)  # None unless enable_consoleauth
+    if legacy is not None:
+        legacy.setServiceParent(top)
     gate = Gate(
         store,
         sessions,
@@ -311,6 +315,7 @@ def compose(
         ),
         max_sessions_per_token=settings.consoled.max_sessions_per_token,
         max_sessions_per_instance=settings.consoled.max_sessions_per_instance,
+        legacy=legacy,
     )
     for door in build_doors(settings, gate, reactor, tls, proxy_name(settings, worker)):
         door.setServiceParent(top)
