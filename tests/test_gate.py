@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from consoled.endings import ANSWERS, Ending, Kind, Refusal
 from consoled.gate import MAX_TOKEN_LENGTH, Facts, Gate, Pass
+from consoled.sessions import LOCAL_HOLDER_GRACE
 from consoled.sessions.relay import Relay
 from consoled.sessions.spectators import Spectator
 from tests.inline import InlineCore
@@ -210,20 +211,39 @@ class SerialGateTests(GateTests):
         assert isinstance(relay, Relay)
         return admitted, relay, client
 
+    def busy(self) -> defer.Deferred[Pass]:
+        """A second admission of the held port: it waits up to the grace for this proxy's writer."""
+        d = self.admit()
+        self.assertNoResult(d)
+        self.core.reactor.advance(LOCAL_HOLDER_GRACE)
+        return d
+
     def test_port_busy(self) -> None:
         """A second writer is refused PORT_BUSY naming since when; its row ends as refused."""
         self.writer()
-        refusal = self.refusal(self.admit())
+        refusal = self.refusal(self.busy())
         self.assertIs(refusal.ending.kind, Kind.PORT_BUSY)
         self.assertIn("held since", refusal.ending.detail)
         self.assertEqual(self.core.left_behind(), (1, 1))
+
+    def test_reconnect_while_own_session_ends(self) -> None:
+        """A user reconnecting before this proxy read the reset of their first connection:
+        the new admission waits for that session to end, then takes the port."""
+        _, relay, _ = self.writer()
+        d = self.admit()
+        self.assertNoResult(d)
+        relay.client_lost("connection reset")
+        admitted = self.successResultOf(d)
+        self.assertTrue(admitted.admission is not None and admitted.admission.holds_lease)
+        self.assertEqual(self.core.left_behind(), (1, 1))
+        self.assertEqual(self.core.reactor.getDelayedCalls(), [])
 
     def test_seat_beside_writer(self) -> None:
         """With spectators on, a second user gets a seat: told read-only once, keys dropped."""
         self.core.sessions.spectators = True
         _, relay, _ = self.writer()
         relay.attach_backend(_Backend())
-        seat = self.successResultOf(self.admit())
+        seat = self.successResultOf(self.busy())
         self.assertTrue(seat.seat)
         spectator_client = Client()
         spectator = seat.start(spectator_client)

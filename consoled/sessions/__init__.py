@@ -87,6 +87,26 @@ class Admission:
     holds_lease: bool
 
 
+#: How long an admission waits for this proxy's own session holding the port to end.
+LOCAL_HOLDER_GRACE = 1.0
+
+
+def _within(d: defer.Deferred[Any], seconds: float, clock: IReactorTime) -> defer.Deferred[None]:
+    """Fires when ``d`` does or after ``seconds``, whichever is first; ``d`` is left as it is."""
+    waiter: defer.Deferred[None] = defer.Deferred()
+
+    def fire(result: Any = None) -> Any:
+        if not waiter.called:
+            if timer.active():
+                timer.cancel()
+            waiter.callback(None)
+        return result
+
+    timer = clock.callLater(seconds, fire)
+    d.addBoth(fire)
+    return waiter
+
+
 class Sessions(Seats, Service):
     name = "sessions"
 
@@ -155,10 +175,25 @@ class Sessions(Seats, Service):
         else:
             opening = open_writer()
 
-        def decide(opened: tuple[int, dict[str, Any] | None]) -> Any:
+        def decide(opened: tuple[int, dict[str, Any] | None], again: bool = False) -> Any:
             session_id, holder = opened
             if holder is None:
                 return Admission(session_id, info, True)
+            ending = None if again else self._local_holder(holder)
+            if ending is not None:
+                # Held by a session of this proxy: the same user's, whose reset
+                # this reactor has not read yet, or is reading now.  Give it a
+                # moment to end, then try the lease once more.
+                def retry(_: object) -> Any:
+                    taking = self._store.take_lease(
+                        session_id=session_id,
+                        info=info,
+                        proxy=self.proxy,
+                        lease_seconds=self._lease_seconds,
+                    )
+                    return taking.addCallback(lambda holder: decide((session_id, holder), True))
+
+                return _within(ending, LOCAL_HOLDER_GRACE, self._clock).addCallback(retry)
             since = readable_utc(holder["acquired_at"])
             refusal = Refusal(Kind.PORT_BUSY, f"held since {since}", info.hash_prefix)
             ended = self._store.end_session(
@@ -173,6 +208,15 @@ class Sessions(Seats, Service):
             return failure
 
         return opening.addCallback(decide).addErrback(unavailable)
+
+    def _local_holder(self, holder: dict[str, Any]) -> defer.Deferred[None] | None:
+        """When ``holder`` (a lease row) is a session of this proxy: its ``finished``."""
+        if holder.get("proxy") != self.proxy:
+            return None
+        for session in self.live | self._closing:
+            if session.id is not None and session.id == holder.get("session_id"):
+                return session.finished
+        return None
 
     def _releasing(self, info: ConnectInfo) -> list[defer.Deferred[None]]:
         """The lease releases of this console's port still in flight on this proxy."""

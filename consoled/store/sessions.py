@@ -152,6 +152,13 @@ class SessionRows(StorePart):
 
         return self._runner.run(open_and_lease)
 
+    def take_lease(
+        self, *, session_id: int, info: ConnectInfo, proxy: str, lease_seconds: float
+    ) -> defer.Deferred[dict[str, Any] | None]:
+        """Try a written writer's lease again: None (taken), or the holder's row."""
+        lease = _lease_values(info.host, info.port, session_id, proxy, self._now(), lease_seconds)
+        return self._runner.run(_take_lease, self.engine, lease)
+
     # -- serial port leases, kicks -------------------------------------------
 
     def end_session(
