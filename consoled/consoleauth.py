@@ -37,12 +37,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from twisted.application.internet import ClientService, backoffPolicy
-from twisted.application.service import MultiService
+from twisted.application.internet import backoffPolicy
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.memcache import MemCacheProtocol
 from twisted.python.failure import Failure
@@ -222,7 +222,11 @@ def _url_base(url: Any) -> str | None:
 
 
 class _Server:
-    """One of ``[cache] memcache_servers``: a ClientService and whether it answers."""
+    """One of ``[cache] memcache_servers``: one connection, kept up with backoff, quietly.
+
+    Not ClientService: that logs a line per retry, and an unreachable
+    memcached is to be one line until it answers again.
+    """
 
     def __init__(
         self, name: str, endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: float
@@ -230,25 +234,83 @@ class _Server:
         self.name = name
         self.clock = clock
         self.timeout = timeout
-        self.protocol: MemCacheProtocol | None = None
+        self.protocol: _Protocol | None = None
         #: unreachable since the last line saying so
         self.down = False
-        factory = Factory.forProtocol(lambda: _Protocol(self))
-        self.service = ClientService(
-            _Watched(endpoint, self),
-            factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0),
-            clock=clock,
-        )
+        self._endpoint = endpoint
+        self._factory = Factory.forProtocol(lambda: _Protocol(self))
+        self._factory.noisy = False
+        self._retry = backoffPolicy(initialDelay=0.5, maxDelay=30.0)
+        self._failures = 0
+        self._running = False
+        self._attempt: defer.Deferred[Any] | None = None
+        self._next: IDelayedCall | None = None
+        self._waiters: list[defer.Deferred[_Protocol]] = []
+
+    # -- the connection -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._connect()
+
+    def stop(self) -> defer.Deferred[None]:
+        self._running = False
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        if self._attempt is not None:
+            self._attempt.cancel()
+        self._wake(Failure(defer.CancelledError()))
+        if self.protocol is None:
+            return defer.succeed(None)
+        lost = self.protocol.lost
+        self.protocol.transport.loseConnection()
+        return lost
+
+    def _connect(self) -> None:
+        self._next = None
+        self._attempt = self._endpoint.connect(self._factory)
+        self._attempt.addCallbacks(self._connected, self._not_connected)
+
+    def _connected(self, protocol: _Protocol) -> None:
+        self._attempt = None
+        self._failures = 0
+        self._wake(protocol)
+
+    def _not_connected(self, failure: Failure) -> None:
+        self._attempt = None
+        if not self._running:
+            return
+        self.unreachable(failure.getErrorMessage())
+        self._wake(failure)
+        self._failures += 1
+        self._next = self.clock.callLater(self._retry(self._failures), self._connect)
+
+    def lost(self, protocol: _Protocol) -> None:
+        if self.protocol is protocol:
+            self.protocol = None
+            if self._running:
+                self._next = self.clock.callLater(self._retry(1), self._connect)
+
+    def _wake(self, result: Any) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+
+    # -- one look-up --------------------------------------------------------------
 
     def get(self, key: bytes) -> defer.Deferred[tuple[int, bytes] | None]:
         """``(flags, value)``, or None for a miss, an error or no answer in time; never fails."""
         if self.protocol is not None:
             asked: defer.Deferred[Any] = self.protocol.get(key)
-        elif self.down:
+        elif self.down or not self._running:
             return defer.succeed(None)
         else:  # starting, or reconnecting after a lost connection
-            asked = self.service.whenConnected(failAfterFailures=1)
+            asked = defer.Deferred()
+            self._waiters.append(asked)
             asked.addCallback(lambda protocol: protocol.get(key))
         asked.addTimeout(self.timeout, self.clock)
         return asked.addCallbacks(self._answered, self._failed)
@@ -263,11 +325,12 @@ class _Server:
     def _failed(self, failure: Failure) -> None:
         if failure.check(defer.TimeoutError, defer.CancelledError):
             why = f"no answer within {self.timeout:g}s"
-            if self.protocol is not None and self.protocol.transport is not None:
+            if self.protocol is not None:
                 self.protocol.transport.abortConnection()  # reconnect rather than wait on it
         else:
             why = failure.getErrorMessage()
-        self.unreachable(why)
+        if self._running:
+            self.unreachable(why)
         return None
 
     def unreachable(self, why: str) -> None:
@@ -281,38 +344,24 @@ class _Server:
             )
 
 
-class _Watched:
-    """An endpoint that tells its server when a connection attempt fails."""
-
-    def __init__(self, endpoint: IStreamClientEndpoint, server: _Server) -> None:
-        self._endpoint = endpoint
-        self._server = server
-
-    def connect(self, factory: Any) -> defer.Deferred[Any]:
-        def failed(failure: Failure) -> Failure:
-            self._server.unreachable(failure.getErrorMessage())
-            return failure
-
-        return self._endpoint.connect(factory).addErrback(failed)
-
-
 class _Protocol(MemCacheProtocol):
     def __init__(self, server: _Server) -> None:
         super().__init__(timeOut=max(1, math.ceil(server.timeout)))
         self.callLater = server.clock.callLater  # TimeoutMixin's timer on our clock
         self._server = server
+        self.lost: defer.Deferred[None] = defer.Deferred()
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._server.protocol = self
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if self._server.protocol is self:
-            self._server.protocol = None
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self._server.lost(self)
+        self.lost.callback(None)
 
 
-class LegacyTokens(MultiService):
+class LegacyTokens(Service):
     """``find_legacy(token)``: nova's consoleauth entry for a token, as a ConnectInfo."""
 
     name = "legacy-consoleauth"
@@ -326,14 +375,21 @@ class LegacyTokens(MultiService):
         timeout: float,
         base_for: Callable[[str], str],
     ) -> None:
-        super().__init__()
         self._clock = clock
         self._token_ttl = token_ttl
         self._base_for = base_for
         self._servers = [_Server(name, endpoint, clock, timeout) for name, endpoint in servers]
-        for server in self._servers:
-            server.service.setServiceParent(self)
         self._faults_logged: set[str] = set()
+
+    def startService(self) -> None:
+        super().startService()
+        for server in self._servers:
+            server.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        stopped = defer.gatherResults([server.stop() for server in self._servers])
+        return stopped.addCallback(lambda _: None)
 
     def find_legacy(self, token: str) -> defer.Deferred[ConnectInfo | None]:
         """Where ``token`` leads by the legacy store, or None; never fails."""
