@@ -234,13 +234,12 @@ def _sweeps(settings: Settings, store: Store, clock: Any) -> MultiService:
         settings.consoled.token_clean_batch,
         clock=clock,
     ).setServiceParent(sweeps)
+    # A live proxy touches its rows every touch_interval; rows silent for one
+    # and a half periods are a dead proxy's, swept every half period: ended
+    # within two touch periods of its death.
+    touch = settings.consoled.touch_interval
     duty(
-        "session-janitor",
-        settings.consoled.lease_seconds,
-        end_lost_sessions,
-        store,
-        3 * settings.consoled.lease_seconds,
-        clock=clock,
+        "session-janitor", touch / 2, end_lost_sessions, store, 1.5 * touch, clock=clock
     ).setServiceParent(sweeps)
     return sweeps
 

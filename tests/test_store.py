@@ -274,6 +274,33 @@ class LeaseTestsMixin:
         )
         self.assertIsNone(self.acquire(3, proxy="b"))
 
+    def test_janitor_ends_silent_rows_but_keeps_a_renewed_lease(self: Any) -> None:
+        """A row silent past ``silent_for`` is ended, but its lease, renewed on its
+        own, still keeps the port's one writer until it lapses."""
+        self.assertIsNone(self.acquire(1))
+        self.clock.advance(20)
+        self.assertEqual(self.successResultOf(self.store.end_lost_sessions(15)), 1)
+        self.assertIsNotNone(self.acquire(2, proxy="b"))  # the lease (30 s) holds
+        self.clock.advance(11)
+        self.successResultOf(self.store.end_lost_sessions(15))
+        self.assertIsNone(self.acquire(3, proxy="b"))  # lapsed: dropped and free
+
+    def test_reclaim_gives_back_only_its_own(self: Any) -> None:
+        """A proxy starting again under its name ends its old rows and drops its
+        old leases; another proxy's stay."""
+        self.assertIsNone(self.acquire(1, proxy="a"))
+        self.assertIsNone(
+            self.successResultOf(take_lease(self.store, "compute-2", 10000, "b", 30))[1]
+        )
+        self.assertEqual(self.successResultOf(self.store.reclaim("a")), (1, 1))
+        self.assertIsNone(self.acquire(3, proxy="c"))  # a's port is free at once
+        self.assertIsNotNone(
+            self.successResultOf(take_lease(self.store, "compute-2", 10000, "c", 30))[1]
+        )
+        live = self.successResultOf(self.store.list_sessions())
+        self.assertNotIn("a", {row["proxy"] for row in live})
+        self.assertIn("b", {row["proxy"] for row in live})
+
     def test_concurrent_takers_one_wins(self: Any) -> None:
         """Eight threads racing for a free port: exactly one gets it."""
         import threading

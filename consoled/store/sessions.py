@@ -302,7 +302,7 @@ class SessionRows(StorePart):
 
     def end_lost_sessions(self, silent_for: float) -> defer.Deferred[int]:
         """End rows no proxy has touched for ``silent_for`` seconds (their proxy died),
-        and drop lapsed leases."""
+        and drop lapsed leases (a lease outlives its row until it lapses)."""
         now = self._now()
 
         def janitor(connection: sa.Connection) -> int:
@@ -314,15 +314,10 @@ class SessionRows(StorePart):
                 )
                 .values(ended_at=now, end_reason="proxy lost: no touch")
             ).rowcount
-            ended_sessions = sa.select(sessions_table.c.id).where(
-                sessions_table.c.ended_at.is_not(None)
-            )
-            connection.execute(
-                leases_table.delete().where(
-                    (leases_table.c.expires_at < now)
-                    | leases_table.c.session_id.in_(ended_sessions)
-                )
-            )
+            # Only lapsed leases: a row may be silent because its proxy's touch
+            # is late, not because it died; its lease, renewed on its own,
+            # keeps the port's one writer until it lapses.
+            connection.execute(leases_table.delete().where(leases_table.c.expires_at < now))
             return ended
 
         return self._run(janitor)
