@@ -5,6 +5,7 @@ The real HAProxy in front of two real proxies is tests/test_haproxy.py.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from typing import Any
@@ -229,3 +230,13 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(self.read(""), ())
         error = self.assertRaises(ConfigError, self.read, "novnc, vnc")
         self.assertIn("proxy_protocol", str(error))
+
+
+class DocumentedConfigurationTests(SynchronousTestCase):
+    def test_deployment_shows_the_haproxy_configuration_the_test_runs(self) -> None:
+        """docs/deployment.md holds etc/haproxy-consoled.cfg as it is (tests/test_haproxy.py runs it)."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "etc", "haproxy-consoled.cfg")) as f:
+            config = f.read()
+        with open(os.path.join(root, "docs", "deployment.md")) as f:
+            self.assertIn(f"```\n{config}```\n", f.read())
