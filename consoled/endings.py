@@ -53,10 +53,14 @@ class Ending:
 class Refusal(Exception):
     """A connection refused before its session started."""
 
-    def __init__(self, kind: Kind, detail: str = "", hash_prefix: str | None = None) -> None:
+    def __init__(
+        self, kind: Kind, detail: str = "", hash_prefix: str | None = None, cause: str = ""
+    ) -> None:
         super().__init__(str(Ending(kind, detail)))
         self.ending = Ending(kind, detail)
         self.hash_prefix = hash_prefix
+        #: for the log line only, never the client (a database error names hosts)
+        self.cause = cause
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from consoled.policy import Network, check_console_type, check_origin, is_truste
 from consoled.sessions import LEASED_TYPES, Admission, Sessions
 from consoled.sessions.relay import ClientSide
 from consoled.store import Store
+from consoled.store.breaker import brief_error, is_outage
 from consoled.tokens import ConnectInfo, hash_prefix, hash_token
 
 log = Logger()
@@ -330,8 +331,11 @@ def _hashed(token: str | None) -> str:
 
 
 def _store_failed(failure: Failure, prefix: str) -> None:
-    log.failure("the console store is unavailable", failure)
-    raise Refusal(Kind.STORE_UNAVAILABLE, hash_prefix=prefix)
+    # The database is down: the store's breaker logged the outage (with its
+    # one traceback); this connection's refusal line names the error.
+    if not is_outage(failure):
+        log.failure("the console store is unavailable", failure)
+    raise Refusal(Kind.STORE_UNAVAILABLE, hash_prefix=prefix, cause=brief_error(failure.value))
 
 
 def _stop(timer: list[IDelayedCall]) -> None:
@@ -347,7 +351,7 @@ def log_refusal(door: str, client: str, refusal: Refusal, **fields: Any) -> None
         "refused {door} connection from {client}: {reason} (token {hash_prefix})",
         door=door,
         client=client,
-        reason=str(refusal.ending),
+        reason=f"{refusal.ending} ({refusal.cause})" if refusal.cause else str(refusal.ending),
         hash_prefix=refusal.hash_prefix or "-",
         **fields,
     )

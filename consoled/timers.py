@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from consoled.store import Store
+from consoled.store.breaker import StoreDown
 
 log = Logger()
 
@@ -26,6 +27,8 @@ def clean_expired_tokens(store: Store, batch: int) -> defer.Deferred[None]:
             log.info("deleted {count} expired console tokens", count=count)
 
     def failed(failure: Any) -> None:
+        if failure.check(StoreDown):  # the breaker logged the outage
+            return
         log.failure("cleaning expired console tokens failed; next period tries again", failure)
 
     return store.clean_expired(batch).addCallbacks(report, failed)
@@ -39,6 +42,8 @@ def end_lost_sessions(store: Store, silent_for: float) -> defer.Deferred[None]:
             log.info("ended {count} session row(s) of a lost proxy", count=count)
 
     def failed(failure: Any) -> None:
+        if failure.check(StoreDown):  # the breaker logged the outage
+            return
         log.failure("ending lost sessions failed; next period tries again", failure)
 
     return store.end_lost_sessions(silent_for).addCallbacks(report, failed)

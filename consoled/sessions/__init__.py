@@ -25,6 +25,7 @@ from consoled.sessions.recording import Recorder, Recording
 from consoled.sessions.relay import ClientSide, Relay
 from consoled.sessions.spectators import Seats, readable_utc
 from consoled.store import Store
+from consoled.store.breaker import brief_error, is_outage
 from consoled.store.runner import observe
 from consoled.tokens import ConnectInfo
 
@@ -144,6 +145,11 @@ class Sessions(Seats, Service):
         self._per_instance: Counter[str] = Counter()
         #: ended sessions whose rows are still being written
         self._closing: set[Session] = set()
+        #: admissions given back (their user left before the session started),
+        #: by session id, with their console port, while the lease's release is in flight
+        self._giving_back: dict[int, tuple[tuple[str, int], defer.Deferred[None]]] = {}
+        #: admissions whose row and lease are being written
+        self._admissions: set[defer.Deferred[Any]] = set()
         #: what this proxy's previous life left behind, given back at start
         self._reclaimed: defer.Deferred[Any] = defer.succeed(None)
 
@@ -203,16 +209,29 @@ class Sessions(Seats, Service):
 
         def unavailable(failure: Failure) -> Failure:
             if not failure.check(Refusal):
-                log.failure("cannot admit a session", failure)
-                return Failure(Refusal(Kind.STORE_UNAVAILABLE, hash_prefix=info.hash_prefix))
+                # An outage is logged once by the store's breaker; the refusal's line names it.
+                if not is_outage(failure):
+                    log.failure("cannot admit a session", failure)
+                refusal = Refusal(
+                    Kind.STORE_UNAVAILABLE,
+                    hash_prefix=info.hash_prefix,
+                    cause=brief_error(failure.value),
+                )
+                return Failure(refusal)
             return failure
 
-        return opening.addCallback(decide).addErrback(unavailable)
+        admitting = opening.addCallback(decide).addErrback(unavailable)
+        self._admissions.add(admitting)
+        observe(admitting).addCallback(lambda _: self._admissions.discard(admitting))
+        return admitting
 
     def _local_holder(self, holder: dict[str, Any]) -> defer.Deferred[None] | None:
         """When ``holder`` (a lease row) is a session of this proxy: its ``finished``."""
         if holder.get("proxy") != self.proxy:
             return None
+        giving_back = self._giving_back.get(holder.get("session_id"))  # type: ignore[arg-type]
+        if giving_back is not None:
+            return observe(giving_back[1])
         for session in self.live | self._closing:
             if session.id is not None and session.id == holder.get("session_id"):
                 return session.finished
@@ -225,14 +244,21 @@ class Sessions(Seats, Service):
             observe(session.finished)
             for session in self._closing
             if session.holds_lease and (session.info.host, session.info.port) == port
-        ]
+        ] + [observe(d) for held, d in self._giving_back.values() if held == port]
 
     def release(self, admission: Admission, reason: str) -> defer.Deferred[None]:
         """Give back an admission whose session never started (the user left)."""
         d = self._store.end_session(
             admission.session_id, reason=reason, bytes_to_client=0, bytes_to_server=0
         )
-        return d.addErrback(lambda f: log.failure("releasing an admission failed", f))
+        d.addErrback(lambda f: log.failure("releasing an admission failed", f))
+        if not admission.holds_lease:
+            return d
+        # A user whose reset ended an admission reconnects at once: their next
+        # admission waits for this release instead of finding the port held.
+        key = admission.session_id
+        self._giving_back[key] = ((admission.info.host, admission.info.port), d)
+        return d.addBoth(lambda result: (self._giving_back.pop(key, None), result)[1])
 
     def start(
         self,
@@ -323,7 +349,10 @@ class Sessions(Seats, Service):
             self._finish(session, session.relay.ending)
 
     def _row_failed(self, failure: Failure, session: Session) -> None:
-        log.failure("cannot record a session", failure)
+        if is_outage(failure):
+            log.warn("cannot record a session: {cause}", cause=brief_error(failure.value))
+        else:
+            log.failure("cannot record a session", failure)
         assert session.relay is not None
         session.relay.end(Ending(Kind.STORE_UNAVAILABLE))
         self._drop_live(session)
@@ -430,10 +459,17 @@ class Sessions(Seats, Service):
         session.finished.callback(None)
 
     def settled(self) -> defer.Deferred[None]:
-        """Fires once every session alive or ending now has its row ended."""
-        waiting = [s.finished for s in self.live | self._closing]
-        waiting += [observe(d) for d in self._watching]
-        return defer.DeferredList(waiting).addCallback(lambda _: None)
+        """Fires once every session alive or ending now has its row ended, and
+        every admission under way has been started or given back."""
+        admissions = defer.DeferredList([observe(d) for d in self._admissions])
+
+        def rest(_: object) -> defer.Deferred[Any]:
+            waiting = [s.finished for s in self.live | self._closing]
+            waiting += [observe(d) for d in self._watching]
+            waiting += [observe(d) for _, d in self._giving_back.values()]
+            return defer.DeferredList(waiting)
+
+        return admissions.addCallback(rest).addCallback(lambda _: None)
 
     # -- timers and shut-down ----------------------------------------------
 

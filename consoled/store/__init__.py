@@ -59,10 +59,13 @@ def open_store(
     Returns the store and whether it is the embedded default (no connection
     configured), the only database consoled may create or upgrade by itself.
     """
-    from consoled.store.engine import default_url, make_engine
+    from consoled.store.breaker import Breaker
+    from consoled.store.engine import default_url, make_engine, ping
     from consoled.store.runner import ThreadRunner
 
     embedded = connection is None
     url = default_url(state_path) if embedded else connection
     engine = make_engine(url, pool_size=threads, recycle=recycle)
-    return Store(engine, ThreadRunner(reactor, threads), reactor), embedded
+    # The breaker: fail fast while the database is down, keep session writes.
+    runner = Breaker(ThreadRunner(reactor, threads), reactor, lambda: ping(engine))
+    return Store(engine, runner, reactor), embedded

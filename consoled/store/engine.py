@@ -60,6 +60,10 @@ def make_engine(url: str, pool_size: int = 4, recycle: int = 3600) -> sa.Engine:
     connect_args: dict[str, Any] = {}
     if parsed.get_driver_name() in _TIMEOUT_DRIVERS and "connect_timeout" not in parsed.query:
         connect_args["connect_timeout"] = CONNECT_TIMEOUT
+    if parsed.get_driver_name() == "psycopg" and "tcp_user_timeout" not in parsed.query:
+        # A blackholed server never acknowledges a statement: without this the
+        # database thread that sent it hangs for the kernel's retries (~15 min).
+        connect_args["tcp_user_timeout"] = CONNECT_TIMEOUT * 1000
     return sa.create_engine(
         parsed,
         connect_args=connect_args,
@@ -91,3 +95,9 @@ def describe_error(error: BaseException, url: str | sa.URL) -> str:
     cause = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig else error
     lines = str(cause).strip().splitlines()
     return f"cannot use the database {safe_url(url)}: {type(cause).__name__}: {lines[0] if lines else ''}"
+
+
+def ping(engine: sa.Engine) -> None:
+    """One round trip to the database (the store's breaker probes with it)."""
+    with engine.connect() as connection:
+        connection.exec_driver_sql("SELECT 1")

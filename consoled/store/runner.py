@@ -97,5 +97,36 @@ class StorePart:
 
         return self._runner.run(unit)
 
+    def _read(self, f: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        """Like :meth:`_run`, for a read whose answer may be dropped when the
+        store goes down meanwhile (the breaker fails it at once)."""
+
+        def unit() -> T:
+            with self.engine.begin() as connection:
+                return f(connection, *args)
+
+        read = getattr(self._runner, "read", None)
+        return read(unit) if read is not None else self._runner.run(unit)
+
+    def _keep(
+        self, key: Any, make: Callable[[], Callable[[sa.Connection], Any]]
+    ) -> defer.Deferred[None]:
+        """A write that must not be lost: ``make()`` gives ``f(connection)``,
+        built when it runs; while the store is down (the breaker) it is kept,
+        replacing a kept write with the same ``key``, and written when the
+        database is back."""
+
+        def unit_of() -> Callable[[], Any]:
+            f = make()
+
+            def unit() -> Any:
+                with self.engine.begin() as connection:
+                    return f(connection)
+
+            return unit
+
+        keep = getattr(self._runner, "keep", None)
+        return keep(key, unit_of) if keep is not None else self._runner.run(unit_of())
+
     def _now(self) -> float:
         return self.clock.seconds()

@@ -103,6 +103,44 @@ def _take_lease(engine: sa.Engine, lease: dict[str, Any]) -> dict[str, Any] | No
         return dict(row._mapping) if row is not None else {"acquired_at": lease["acquired_at"]}
 
 
+def _upkeep(rows: list[dict[str, Any]], proxy: str, now: float, expires_at: float) -> Any:
+    """A touch's unit of work, built at ``now``: when it runs, not when it was asked for."""
+    renew_rows = (
+        sessions_table.update()
+        .where(sessions_table.c.id == sa.bindparam("session_id"))
+        .values(
+            touched_at=now,
+            bytes_to_client=sa.bindparam("to_client"),
+            bytes_to_server=sa.bindparam("to_server"),
+        )
+    )
+    # Only the leases of sessions live here now: a proxy restarted under
+    # the same name must not keep a dead session's port.
+    renew_leases = (
+        leases_table.update()
+        .where(
+            leases_table.c.proxy == proxy,
+            leases_table.c.session_id.in_([row["session_id"] for row in rows]),
+        )
+        .values(expires_at=expires_at)
+    )
+    kicks = sa.select(
+        sessions_table.c.id, sessions_table.c.kick_reason, sessions_table.c.kick_takeover
+    ).where(
+        sessions_table.c.proxy == proxy,
+        sessions_table.c.ended_at.is_(None),
+        sessions_table.c.kick_requested.is_(True),
+    )
+
+    def upkeep(connection: sa.Connection) -> list[dict[str, Any]]:
+        if rows:
+            connection.execute(renew_rows, rows)
+            connection.execute(renew_leases)
+        return [dict(row._mapping) for row in connection.execute(kicks)]
+
+    return upkeep
+
+
 class SessionRows(StorePart):
     """Methods over ``consoled_sessions`` and ``consoled_serial_leases``."""
 
@@ -185,7 +223,8 @@ class SessionRows(StorePart):
             if release_lease:
                 connection.execute(_RELEASE_LEASE, values)
 
-        return self._run(end)
+        # Kept while the database is down: the end keeps its own time and bytes.
+        return self._keep(("end", session_id), lambda: end)
 
     def touch(
         self, counters: list[tuple[int, int, int]], *, proxy: str, lease_seconds: float
@@ -193,48 +232,22 @@ class SessionRows(StorePart):
         """One period's upkeep for a proxy, in one transaction.
 
         Renews its live session rows (one batched statement) and its leases
-        (one statement), and returns the kicks asked for its sessions.
+        (one statement), and returns the kicks asked for its sessions.  While
+        the database is down the last touch is kept (it names every live
+        session; an ended one has its end kept) and written when it is back,
+        renewing from then; the kicks wait for the next period.
         """
-        now = self._now()
         rows = [
             {"session_id": i, "to_client": to_client, "to_server": to_server}
             for i, to_client, to_server in counters
         ]
-        renew_rows = (
-            sessions_table.update()
-            .where(sessions_table.c.id == sa.bindparam("session_id"))
-            .values(
-                touched_at=now,
-                bytes_to_client=sa.bindparam("to_client"),
-                bytes_to_server=sa.bindparam("to_server"),
-            )
-        )
-        # Only the leases of sessions live here now: a proxy restarted under
-        # the same name must not keep a dead session's port.
-        renew_leases = (
-            leases_table.update()
-            .where(
-                leases_table.c.proxy == proxy,
-                leases_table.c.session_id.in_([session_id for session_id, _, _ in counters]),
-            )
-            .values(expires_at=now + lease_seconds)
-        )
-        kicks = sa.select(
-            sessions_table.c.id, sessions_table.c.kick_reason, sessions_table.c.kick_takeover
-        ).where(
-            sessions_table.c.proxy == proxy,
-            sessions_table.c.ended_at.is_(None),
-            sessions_table.c.kick_requested.is_(True),
-        )
 
-        def upkeep(connection: sa.Connection) -> list[dict[str, Any]]:
-            if rows:
-                connection.execute(renew_rows, rows)
-            if rows:
-                connection.execute(renew_leases)
-            return [dict(row._mapping) for row in connection.execute(kicks)]
+        def make() -> Any:
+            now = self._now()
+            return _upkeep(rows, proxy, now, now + lease_seconds)
 
-        return self._run(upkeep)
+        kept = self._keep(("touch", proxy), make)
+        return kept.addCallback(lambda kicks: kicks or [])
 
     def request_kick(
         self,
