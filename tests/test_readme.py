@@ -304,3 +304,13 @@ class QuickStartTests(TestCase):
         status, _headers, body = yield http_request(port, request.encode())
         self.assertEqual(status, 200, body[:200])
         self.assertIn(needle, body)
+
+
+class DocsIndexTests(TestCase):
+    def test_every_docs_page_is_linked(self) -> None:
+        """The README's list of documentation names every page in docs/."""
+        text = readme()
+        docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+        pages = sorted(name for name in os.listdir(docs) if name.endswith(".md"))
+        missing = [page for page in pages if f"(docs/{page})" not in text]
+        self.assertEqual(missing, [])
