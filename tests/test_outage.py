@@ -135,6 +135,7 @@ class OutageMixin:
         while not self.store._runner.up:
             self.assertLess(time.monotonic() - back, 15, "the store did not come back")
             yield _later(0.05)
+        up_after = time.monotonic() - back
         yield _later(3 * TOUCH_INTERVAL)
         # Live sessions went on, the newcomers waited under 2 s (1 s is the aim).
         self.assertEqual(len(refused), 4)
@@ -158,6 +159,18 @@ class OutageMixin:
         tracebacks = [e for e in self.events if "log_failure" in e]
         self.assertLessEqual(len(tracebacks), 1, [e.get("log_format") for e in tracebacks])
         self.flushLoggedErrors(sa.exc.OperationalError)
+        figures = os.environ.get("CONSOLED_OUTAGE_FIGURES")
+        if figures:  # scripts/outage.sh
+            with open(figures, "a") as f:
+                f.write(
+                    f"{self.how}: outage {OUTAGE:g}s, {len(refused)} new connections refused"
+                    f" in {min(refused):.3f}-{max(refused):.3f}s, live session relayed"
+                    f" throughout, store up {up_after:.2f}s after the database,"
+                    f" ended row bytes"
+                    f" {done['bytes_to_client']}/{done['bytes_to_server']}, leases left"
+                    f" {len(self.rows(serial_leases))}, refusal log lines {len(lines)},"
+                    f" tracebacks {len(tracebacks)}\n"
+                )
         # And the store serves new sessions again.
         after = yield self.connect()
         self.assertTrue(after.attached)
