@@ -112,6 +112,9 @@ class VncSettings:
     xvpvncproxy_host: str | None = opt(None, str)
     xvpvncproxy_port: int | None = opt(None, port)
     xvpvncproxy_base_url: str | None = opt(None, str)
+    # Where the compute host's VNC servers are reached when libvirt's XML says
+    # they listen on every address (consoled.drivers.libvirt).
+    server_proxyclient_address: str = opt("127.0.0.1", str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,7 @@ class SerialConsoleSettings:
     # which opens the websocket on the same host and port with the same token.
     base_url: str = opt("http://127.0.0.1:6083/serial.html", str)
     port_range: tuple[int, int] = opt((10000, 20000), port_range)
+    proxyclient_address: str = opt("127.0.0.1", str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,7 @@ class SpiceSettings:
     # consoled's own: how a token's tls_port is verified (docs/websocket.md).
     ca_certs: str | None = opt(None, str)
     host_subject: str | None = opt(None, str)
+    server_proxyclient_address: str = opt("127.0.0.1", str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +203,25 @@ class CacheSettings:
         (("localhost", 11211),), each(_memcache_server)
     )
     memcache_socket_timeout: float = opt(1.0, seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class LibvirtSettings:
+    """[libvirt]: where consoled.drivers.libvirt reads domains' consoles."""
+
+    connection_uri: str = opt("qemu:///system", str)
+
+
+@dataclass(frozen=True, slots=True)
+class VmwareSettings:
+    """[vmware]: the vCenter (or ESXi) consoled.drivers.vmware asks for tickets."""
+
+    host_ip: str | None = opt(None, str)
+    host_port: int = opt(443, port)
+    host_username: str | None = opt(None, str)
+    host_password: str | None = opt(None, str)
+    ca_file: str | None = opt(None, str)
+    insecure: bool = opt(False, boolean)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +312,8 @@ class Settings:
     default: DefaultSettings = field(default_factory=DefaultSettings)
     workarounds: WorkaroundsSettings = field(default_factory=WorkaroundsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
+    vmware: VmwareSettings = field(default_factory=VmwareSettings)
     consoled: ConsoledSettings = field(default_factory=ConsoledSettings)
 
     def access_url_base(self, console_type: str) -> str:
