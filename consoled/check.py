@@ -251,6 +251,7 @@ def check_database(settings: Settings, reactor: Any, report: Report) -> Any:
             reactor,
             threads=1,
             state_path=settings.default.state_path,
+            breaker=False,
         )
     except Exception as error:
         report.error(store_refusal(error, settings))

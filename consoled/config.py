@@ -231,6 +231,14 @@ class WorkaroundsSettings:
     enable_consoleauth: bool = opt(False, boolean)
 
 
+def _sha256_hex(text: str) -> str:
+    """A key's SHA-256 digest as 64 hex digits (``consoled-manage api-key create``)."""
+    digest = text.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError("expected SHA-256 hex digests (64 hex digits each)")
+    return digest
+
+
 @dataclass(frozen=True, slots=True)
 class ConsoledSettings:
     """[consoled]: consoled's own options; nova has none of these.
@@ -289,6 +297,10 @@ class ConsoledSettings:
     max_sessions_per_token: int = opt(16, integer(0))
     max_sessions_per_instance: int = opt(32, integer(0))
     http_connection_max: float = opt(60.0, seconds(zero_ok=True))
+    # The management listener (health, metrics, the API): off unless keys are set.
+    api_host: str = opt("127.0.0.1", str)
+    api_port: int = opt(6089, port)
+    api_key_hashes: tuple[str, ...] = opt((), each(_sha256_hex))
 
     def __post_init__(self) -> None:
         # A lease renewed no more often than it lasts would lapse between touches.

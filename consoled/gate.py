@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from consoled.backends import Backends, Connector
 from consoled.endings import Ending, Kind, Refusal
 from consoled.limits import FailureThrottle
+from consoled.metrics import Metrics
 from consoled.policy import Network, check_console_type, check_origin, is_trusted
 from consoled.sessions import LEASED_TYPES, Admission, Sessions
 from consoled.sessions.relay import ClientSide
@@ -161,6 +162,7 @@ class Gate:
         max_sessions_per_token: int = 0,
         max_sessions_per_instance: int = 0,
         legacy: LegacyLookup | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._legacy = legacy
@@ -168,6 +170,7 @@ class Gate:
         self._throttle = throttle
         self._max_per_token = max_sessions_per_token
         self._max_per_instance = max_sessions_per_instance
+        self._metrics = metrics
         self._sessions = sessions
         self._clock = clock
         self._timeout = timeout
@@ -193,7 +196,7 @@ class Gate:
             self._not_banned(address)
             token_hash = _hashed(token)
         except Refusal as refusal:
-            log_refusal(door, address, refusal)
+            self._refused(door, address, refusal)
             outcome.errback(refusal)
             return outcome
         prefix = hash_prefix(token_hash)
@@ -201,11 +204,19 @@ class Gate:
             self._clock.callLater(self._timeout, self._too_slow, outcome, door, address, prefix)
         )
         work = self._store.find_token(token_hash)
+        if self._metrics is not None:
+            work.addBoth(self._looked_up, self._clock.seconds())
         if self._legacy is not None:
             work.addCallback(self._or_legacy, token, door, prefix)
-        work.addCallbacks(
-            self._checked, _store_failed, (door, facts, address, prefix), None, (prefix,)
-        )
+
+        def checked(info: ConnectInfo | None, *facts_of: Any) -> Any:
+            if outcome.called:
+                # The client left during the look-up (or the deadline passed):
+                # take no row and no lease that its own reconnect would find held.
+                return None
+            return self._checked(info, *facts_of)
+
+        work.addCallbacks(checked, _store_failed, (door, facts, address, prefix), None, (prefix,))
 
         def settle(result: Pass | Failure) -> None:
             _stop(timer)
@@ -223,7 +234,7 @@ class Gate:
             else:
                 log.failure("admission at the {door} door failed", result, door=door)
                 refusal = Refusal(Kind.INTERNAL, hash_prefix=prefix)
-            log_refusal(door, address, refusal)
+            self._refused(door, address, refusal)
             outcome.errback(refusal)
             return None
 
@@ -285,6 +296,18 @@ class Gate:
         )
         return leasing
 
+    def _refused(self, door: str, address: str, refusal: Refusal) -> None:
+        log_refusal(door, address, refusal)
+        if self._metrics is not None:
+            self._metrics.refusals.labels(door, refusal.ending.kind.value).inc()
+
+    def _looked_up(self, result: Any, since: float) -> Any:
+        assert self._metrics is not None
+        self._metrics.lookup.observe(self._clock.seconds() - since)
+        if isinstance(result, Failure):
+            self._metrics.store_errors.inc()
+        return result
+
     def _not_banned(self, address: str) -> None:
         """Step 0: answered without touching the store."""
         until = None if self._throttle is None else self._throttle.banned_until(address)
@@ -316,7 +339,7 @@ class Gate:
         refusal = Refusal(
             Kind.STORE_UNAVAILABLE, f"no answer within {self._timeout:g}s", hash_prefix=prefix
         )
-        log_refusal(door, address, refusal)
+        self._refused(door, address, refusal)
         outcome.errback(refusal)
 
 

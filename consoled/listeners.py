@@ -92,6 +92,7 @@ SERIAL = Place("serial_console", "serialproxy_host", "serialproxy_port")
 XVP = Place("consoled", "xvp_host", "xvp_port")
 SERIAL_TCP = Place("consoled", "serial_tcp_host", "serial_tcp_port")
 MKS = Place("consoled", "mks_host", "mks_port")
+API = Place("consoled", "api_host", "api_port")
 
 
 class DoorRefused(SystemExit, Exception):

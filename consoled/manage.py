@@ -23,6 +23,8 @@ other command shows only the first 8 hex of its hash.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import secrets
 import sys
 import time
 import uuid
@@ -92,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     area.add_parser(
         "check",
         help="would the daemon start with these files? one line per finding",
+    )
+
+    api_key = area.add_parser("api-key", help="keys of the management API").add_subparsers(
+        dest="command", required=True
+    )
+    api_key.add_parser(
+        "create", help="print a new key (once) and the digest for [consoled] api_key_hashes"
     )
 
     db = area.add_parser("db", help="schema migrations").add_subparsers(
@@ -264,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except ConfigError as error:
         _fail(str(error), 2)
 
+    if args.area == "api-key":
+        _new_api_key(sys.stdout)
+        raise SystemExit(0)
+
     def react_main(reactor: Any) -> defer.Deferred[None]:
         if args.area == "check":
             # Every failure is a finding of its own, the database's too.
@@ -274,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                 reactor,
                 threads=1,
                 state_path=settings.default.state_path,
+                breaker=False,
             )
         except Exception as error:
             _fail(f"[database] connection: {error}", 2)
@@ -294,6 +308,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         return d.addBoth(lambda result: store.stop().addCallback(lambda _: result))
 
     task.react(react_main)
+
+
+def _new_api_key(out: Any) -> None:
+    """A random key, shown this once; consoled keeps only its SHA-256 digest."""
+    key = secrets.token_urlsafe(32)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    out.write(
+        f"key: {key}\n"
+        f"digest: {digest}\n"
+        "Give the key to the API's clients (X-Auth-Token); add the digest to\n"
+        "[consoled] api_key_hashes (comma-separated). The key is not stored anywhere.\n"
+    )
 
 
 def _exit_with(status: int) -> None:

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from consoled import malloc
+from consoled.api import management_listener
 from consoled.backends import Backends
 from consoled.config import ConfigError, Settings, load_settings
 from consoled.consoleauth import legacy_from_settings
@@ -31,6 +32,7 @@ from consoled.listeners import (
     websocket_doors,
     xvp_doors,
 )
+from consoled.metrics import Metrics
 from consoled.reactor import install as install_reactor
 from consoled.sessions import Sessions
 from consoled.sessions.recording import Recorder
@@ -286,6 +288,9 @@ def compose(
         clock=clock,
     )
     sessions.setServiceParent(top)
+    metrics = Metrics()
+    metrics.watch(sessions)
+    sessions.metrics = metrics
     duty(
         "session-toucher", settings.consoled.touch_interval, sessions.touch, clock=clock
     ).setServiceParent(top)
@@ -315,9 +320,15 @@ def compose(
         max_sessions_per_token=settings.consoled.max_sessions_per_token,
         max_sessions_per_instance=settings.consoled.max_sessions_per_instance,
         legacy=legacy,
+        metrics=metrics,
     )
-    for door in build_doors(settings, gate, reactor, tls, proxy_name(settings, worker)):
+    doors = build_doors(settings, gate, reactor, tls, proxy_name(settings, worker))
+    for door in doors:
         door.setServiceParent(top)
+    if settings.consoled.api_key_hashes and not worker:
+        management_listener(
+            settings, metrics=metrics, store=store, doors=doors, reactor=reactor, clock=clock
+        ).setServiceParent(top)
     Announcer(
         reactor,
         "consoled ready: database {database}, proxy {proxy}",

@@ -150,6 +150,8 @@ class Sessions(Seats, Service):
         self._giving_back: dict[int, tuple[tuple[str, int], defer.Deferred[None]]] = {}
         #: admissions whose row and lease are being written
         self._admissions: set[defer.Deferred[Any]] = set()
+        #: consoled.metrics.Metrics, when the management listener reports them
+        self.metrics: Any = None
         #: what this proxy's previous life left behind, given back at start
         self._reclaimed: defer.Deferred[Any] = defer.succeed(None)
 
@@ -312,10 +314,16 @@ class Sessions(Seats, Service):
         self._per_token[session.info.token_hash] += 1
         self._per_instance[session.info.instance_uuid] += 1
 
+    def leases_held(self) -> int:
+        """Serial ports whose writer is a session of this proxy."""
+        return len(self._writers)
+
     def _drop_live(self, session: Session) -> None:
         if session not in self.live:
             return
         self.live.discard(session)
+        if self.metrics is not None:
+            self.metrics.session_ended(session.relay)
         for counter, key in (
             (self._per_token, session.info.token_hash),
             (self._per_instance, session.info.instance_uuid),
@@ -390,6 +398,9 @@ class Sessions(Seats, Service):
         relay, info = session.relay, session.info
         if session.id is None or relay is None or relay.backend is None:
             return
+        if self.metrics is not None:
+            self.metrics.started.labels(session.door, info.console_type).inc()
+            self.metrics.setup.observe(self._clock.seconds() - session.started)
         log.info(
             "session {session_id} started: {door} from {client} to {console_type} "
             "{host}:{port} of instance {instance}, token {hash_prefix}",

@@ -42,6 +42,15 @@ class Store(TokenRows, SessionRows):
     def upgrade_schema(self) -> defer.Deferred[None]:
         return self._runner.run(schema.upgrade, self.engine)
 
+    def ping(self) -> defer.Deferred[None]:
+        """A round trip to the database (health checks)."""
+
+        def select_one(engine: Any) -> None:
+            with engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+
+        return self._runner.run(select_one, self.engine)
+
     def schema_revision(self) -> defer.Deferred[str | None]:
         return self._runner.run(schema.current_revision, self.engine)
 
@@ -53,11 +62,14 @@ def open_store(
     threads: int = 4,
     state_path: str | None = None,
     recycle: int = 3600,
+    breaker: bool = True,
 ) -> tuple[Store, bool]:
     """Build a Store on its own thread pool from ``[database] connection``.
 
     Returns the store and whether it is the embedded default (no connection
     configured), the only database consoled may create or upgrade by itself.
+    ``breaker``: the daemon's; a one-shot tool (consoled-manage) goes without
+    and reports a database that is down in its own one line.
     """
     from consoled.store.breaker import Breaker
     from consoled.store.engine import default_url, make_engine, ping
@@ -67,5 +79,7 @@ def open_store(
     url = default_url(state_path) if embedded else connection
     engine = make_engine(url, pool_size=threads, recycle=recycle)
     # The breaker: fail fast while the database is down, keep session writes.
-    runner = Breaker(ThreadRunner(reactor, threads), reactor, lambda: ping(engine))
+    runner: Any = ThreadRunner(reactor, threads)
+    if breaker:
+        runner = Breaker(runner, reactor, lambda: ping(engine))
     return Store(engine, runner, reactor), embedded

@@ -1,0 +1,126 @@
+"""The management listener: /healthz, /metrics and nova's console API shapes, over real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from tests import hypervisors
+from tests.harness import Consoled, test_settings
+from tests.wsclient import http_request, ws_connect
+
+KEY = "consoled-test-key"
+KEY_HASH = hashlib.sha256(KEY.encode()).hexdigest()
+
+
+def get(path: str, key: str | None = KEY, **headers: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    if key is not None:
+        lines.append(f"X-Auth-Token: {key}")
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class ManagementTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
+        self.consoled = Consoled(self, test_settings(api_key_hashes=(KEY_HASH,), api_port=0))
+        self.port = self.consoled.port("api")
+
+    @defer.inlineCallbacks
+    def call(self, path: str, key: str | None = KEY, **headers: str) -> Any:
+        status, response_headers, body = yield http_request(self.port, get(path, key, **headers))
+        return status, body
+
+    @defer.inlineCallbacks
+    def test_health(self) -> Any:
+        """Store reachable and every door listening: 200; a door stopped: 503 naming it."""
+        status, body = yield self.call("/healthz", key=None)
+        report = json.loads(body)
+        self.assertEqual((status, report["status"], report["store"]), (200, "ok", "ok"))
+        self.assertEqual(report["doors"]["novnc"], "listening")
+        yield self.consoled.top.getServiceNamed("xvp").stopService()
+        status, body = yield self.call("/healthz", key=None)
+        report = json.loads(body)
+        self.assertEqual(
+            (status, report["status"], report["doors"]["xvp"]), (503, "failing", "not listening")
+        )
+
+    @defer.inlineCallbacks
+    def test_metrics_count_sessions_refusals_and_bytes(self) -> Any:
+        echo = hypervisors.serve(self, hypervisors.Echo)
+        issued = yield self.consoled.authorize("novnc", "127.0.0.1", echo.port)
+        client = yield ws_connect(self.consoled.port("novnc"), issued.token)
+        client.send(b"hello")
+        self.assertEqual((yield client.read(5)), b"hello")
+        refused = yield ws_connect(self.consoled.port("novnc"), "0b1c-nope", explain=True)
+        yield refused.closed
+        status, body = yield self.call("/metrics", key=None)
+        text = body.decode()
+        self.assertEqual(status, 200)
+        self.assertIn(
+            'consoled_sessions_live{console_type="novnc",door="websocket/novnc"} 1.0', text
+        )
+        self.assertIn(
+            'consoled_sessions_started_total{console_type="novnc",door="websocket/novnc"} 1.0', text
+        )
+        self.assertIn(
+            'consoled_refusals_total{door="novnc",reason="invalid or expired token"} 1.0', text
+        )
+        self.assertIn('consoled_bytes_total{direction="to_server"} 5.0', text)
+        self.assertIn('consoled_bytes_total{direction="to_client"} 5.0', text)
+        self.assertIn("consoled_token_lookup_seconds_count 2.0", text)
+        self.assertIn("consoled_setup_seconds_count 1.0", text)
+        client.sendClose()
+        yield client.closed
+        yield self.consoled.wait_sessions_ended()
+        status, body = yield self.call("/metrics", key=None)
+        self.assertIn('consoled_bytes_total{direction="to_server"} 5.0', body.decode())
+        self.assertNotIn("consoled_sessions_live{", body.decode())
+
+    @defer.inlineCallbacks
+    def test_api_needs_the_key(self) -> Any:
+        for key in (None, "wrong"):
+            status, body = yield self.call("/v2.1", key=key)
+            self.assertEqual(status, 401)
+            self.assertEqual(json.loads(body)["unauthorized"]["code"], 401)
+        status, body = yield self.call("/v2.1")
+        version = json.loads(body)["version"]
+        self.assertEqual((status, version["min_version"], version["version"]), (200, "2.1", "2.99"))
+
+    @defer.inlineCallbacks
+    def test_token_look_up(self) -> Any:
+        """nova's GET /os-console-auth-tokens/{token}: the console, tls_port at 2.99; 404 unknown."""
+        issued = yield self.consoled.authorize(
+            "spice-html5", "192.0.2.5", 5900, tls_port=5901, internal_access_path=None
+        )
+        status, body = yield self.call(f"/v2.1/os-console-auth-tokens/{issued.token}")
+        self.assertEqual(status, 200)
+        console = json.loads(body)["console"]
+        self.assertEqual((console["host"], console["port"]), ("192.0.2.5", 5900))
+        self.assertNotIn("tls_port", console)
+        status, body = yield self.call(
+            f"/v2.1/os-console-auth-tokens/{issued.token}",
+            OpenStack_API_Version="compute 2.99",
+        )
+        self.assertEqual(json.loads(body)["console"]["tls_port"], 5901)
+        status, body = yield self.call("/v2.1/os-console-auth-tokens/0b1c-unknown")
+        self.assertEqual((status, json.loads(body)["itemNotFound"]["code"]), (404, 404))
+        logged = "".join(str(event) for event in self.events)
+        self.assertNotIn(issued.token, logged)
+
+
+class OffByDefaultTests(TestCase):
+    def test_no_listener_without_keys(self) -> None:
+        consoled = Consoled(self, test_settings())
+        self.assertRaises(KeyError, consoled.top.getServiceNamed, "api")
