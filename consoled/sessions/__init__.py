@@ -148,8 +148,9 @@ class Sessions(Seats, Service):
         #: admissions given back (their user left before the session started),
         #: by session id, with their console port, while the lease's release is in flight
         self._giving_back: dict[int, tuple[tuple[str, int], defer.Deferred[None]]] = {}
-        #: admissions whose row and lease are being written
-        self._admissions: set[defer.Deferred[Any]] = set()
+        #: admissions whose row and lease are being written: fires when each is
+        #: answered, with its console port
+        self._admissions: dict[defer.Deferred[None], tuple[str, int]] = {}
         #: consoled.metrics.Metrics, when the management listener reports them
         self.metrics: Any = None
         #: what this proxy's previous life left behind, given back at start
@@ -187,7 +188,7 @@ class Sessions(Seats, Service):
             session_id, holder = opened
             if holder is None:
                 return Admission(session_id, info, True)
-            ending = None if again else self._local_holder(holder)
+            ending = None if again else self._local_holder(holder, (info.host, info.port))
             if ending is not None:
                 # Held by a session of this proxy: the same user's, whose reset
                 # this reactor has not read yet, or is reading now.  Give it a
@@ -223,14 +224,48 @@ class Sessions(Seats, Service):
             return failure
 
         admitting = opening.addCallback(decide).addErrback(unavailable)
-        self._admissions.add(admitting)
-        observe(admitting).addCallback(lambda _: self._admissions.discard(admitting))
-        return admitting
+        # ``answered`` fires after the door's own callbacks on the answer: by
+        # then a door whose user left has given the admission back.
+        answered: defer.Deferred[None] = defer.Deferred()
+        self._admissions[answered] = (info.host, info.port)
+        answer: defer.Deferred[Admission] = defer.Deferred()
 
-    def _local_holder(self, holder: dict[str, Any]) -> defer.Deferred[None] | None:
-        """When ``holder`` (a lease row) is a session of this proxy: its ``finished``."""
+        def done(result: Any) -> None:
+            del self._admissions[answered]
+            if not answer.called:
+                answer.callback(result)
+            answered.callback(None)
+
+        admitting.addBoth(done)
+        return answer
+
+    def _local_holder(
+        self, holder: dict[str, Any], port: tuple[str, int]
+    ) -> defer.Deferred[Any] | None:
+        """When ``holder`` (a lease row) is a session of this proxy: its ``finished``.
+
+        A holder that is no session here yet may be an admission of this
+        proxy whose row a database thread has written and whose answer the
+        reactor has not read (its user reset the connection meanwhile and
+        reconnected): then, once this port's admissions under way are
+        answered, the holder's end (its admission given back, or its session).
+        """
         if holder.get("proxy") != self.proxy:
             return None
+        known = self._known_holder(holder)
+        if known is not None:
+            return known
+        under_way = [observe(d) for d, at in self._admissions.items() if at == port]
+        if not under_way:
+            return None
+
+        def then(_: object) -> Any:
+            return self._known_holder(holder)
+
+        return defer.DeferredList(under_way).addCallback(then)
+
+    def _known_holder(self, holder: dict[str, Any]) -> defer.Deferred[None] | None:
+        """The end of ``holder``'s admission being given back, or of its session here."""
         giving_back = self._giving_back.get(holder.get("session_id"))  # type: ignore[arg-type]
         if giving_back is not None:
             return observe(giving_back[1])
@@ -472,7 +507,7 @@ class Sessions(Seats, Service):
     def settled(self) -> defer.Deferred[None]:
         """Fires once every session alive or ending now has its row ended, and
         every admission under way has been started or given back."""
-        admissions = defer.DeferredList([observe(d) for d in self._admissions])
+        admissions = defer.DeferredList([observe(d) for d in list(self._admissions)])
 
         def rest(_: object) -> defer.Deferred[Any]:
             waiting = [s.finished for s in self.live | self._closing]
