@@ -6,13 +6,13 @@ import hashlib
 import json
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests import hypervisors
-from tests.harness import Consoled, test_settings
+from tests.harness import INSTANCE, Consoled, test_settings
 from tests.wsclient import http_request, ws_connect
 
 KEY = "consoled-test-key"
@@ -90,13 +90,38 @@ class ManagementTests(TestCase):
 
     @defer.inlineCallbacks
     def test_api_needs_the_key(self) -> Any:
+        """Every call but version discovery: 401 in nova's shape without a known key."""
         for key in (None, "wrong"):
-            status, body = yield self.call("/v2.1", key=key)
+            status, body = yield self.call("/v2.1/os-console-auth-tokens/x", key=key)
             self.assertEqual(status, 401)
             self.assertEqual(json.loads(body)["unauthorized"]["code"], 401)
-        status, body = yield self.call("/v2.1")
+        status, body = yield self.call("/v2.1", key=None)
         version = json.loads(body)["version"]
         self.assertEqual((status, version["min_version"], version["version"]), (200, "2.1", "2.99"))
+
+    @defer.inlineCallbacks
+    def test_openstacksdk_validates_a_token(self) -> Any:
+        """openstacksdk, as a real client (admin token, endpoint override, 2.99), looks a token up."""
+        import openstack
+
+        issued = yield self.consoled.authorize("novnc", "192.0.2.5", 5901)
+        base = f"http://127.0.0.1:{self.port}/v2.1"
+
+        def validate() -> Any:
+            connection = openstack.connect(
+                auth_type="admin_token",
+                auth={"token": KEY, "endpoint": base},
+                compute_endpoint_override=base,
+                compute_api_version="2.99",
+            )
+            try:
+                return connection.compute.validate_console_auth_token(issued.token)
+            finally:
+                connection.close()
+
+        console = yield threads.deferToThread(validate)
+        self.assertEqual((console.host, console.port), ("192.0.2.5", 5901))
+        self.assertEqual(console.instance_uuid, INSTANCE)
 
     @defer.inlineCallbacks
     def test_token_look_up(self) -> Any:

@@ -142,14 +142,15 @@ class Authenticated(resource.Resource):
         return self
 
     def render(self, request: server.Request) -> Any:
+        parts = [p for p in request.path.decode("latin-1").split("/") if p]
+        if parts == ["v2.1"] and request.method == b"GET":
+            # Version discovery needs no key, as nova's version documents.
+            return _json(request, 200, {"version": _version()})
         if not self._authorised(request):
             request.setHeader(b"www-authenticate", b'Keystone uri="consoled"')
             return _fault(request, 401, "The request you have made requires authentication.")
-        parts = [p for p in request.path.decode("latin-1").split("/") if p]
         if request.method != b"GET":
             return _fault(request, 405, "method not allowed")
-        if parts == ["v2.1"]:
-            return _json(request, 200, {"version": _version()})
         if len(parts) == 3 and parts[:2] == ["v2.1", "os-console-auth-tokens"]:
             return self._token(request, parts[2])
         return _fault(request, 404, "no such resource")
