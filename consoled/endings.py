@@ -94,6 +94,7 @@ ANSWERS: dict[Kind, Answer] = {
     Kind.IDLE: Answer(408, 4408),
     Kind.TOKEN_EXPIRED: Answer(401, 4401),
     Kind.KICKED: Answer(409, 4409),
-    Kind.SHUTDOWN: Answer(503, 1001),
+    # 1012 Service Restart (IANA registry): this proxy is restarting, connect again.
+    Kind.SHUTDOWN: Answer(503, 1012),
     Kind.INTERNAL: Answer(500, 1011),
 }

@@ -11,7 +11,7 @@ Wire summary (docs/websocket.md has the whole table):
   the upgrade and then the row's close code and reason.
 - The ``binary`` subprotocol is chosen when offered; none is fine too.
 - After the upgrade a session ends with its kind's close code (1000 console
-  closed, 1001 proxy shutting down, 1011 internal error, 44xx and 45xx as
+  closed, 1012 proxy restarting (SIGTERM), 1011 internal error, 44xx and 45xx as
   the table says).
 
 Autobahn swallows exceptions raised in its callbacks, so every callback here
@@ -185,7 +185,7 @@ class ConsoleServerProtocol(TransportClientSide, FastFrames, WebSocketServerProt
     def close(self, ending: Ending) -> None:
         code = ANSWERS[ending.kind].close
         reason = str(ending).encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
-        # sendClose() only takes 1000 and 3000-4999; 1001 and 1011 are ours to send too.
+        # sendClose() only takes 1000 and 3000-4999; 1011 and 1012 are ours to send too.
         self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)
 
 
