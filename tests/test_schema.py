@@ -86,6 +86,16 @@ class SchemaTestsMixin:
         self.assertFalse({"consoled_sessions", "consoled_serial_leases"} & self.tables())
         self.assertIn("console_auth_tokens", self.tables())
 
+    def test_revision_003_up_and_down(self: Any) -> None:
+        """003 adds the serial port allocations, unique per (host, port); down to 002 drops them."""
+        schema.upgrade(self.engine, "003")
+        self.assertIn("consoled_serial_ports", self.tables())
+        key = sa.inspect(self.engine).get_pk_constraint("consoled_serial_ports")
+        self.assertEqual(key["constrained_columns"], ["host", "port"])
+        schema.downgrade(self.engine, "002")
+        self.assertNotIn("consoled_serial_ports", self.tables())
+        self.assertIn("consoled_serial_leases", self.tables())
+
     def test_001_adopts_nova_table(self: Any) -> None:
         """A nova-made table keeps its rows and nova's alembic_version; tls_port is added."""
         autoincrement = "AUTO_INCREMENT" if self.backend == "mariadb" else ""

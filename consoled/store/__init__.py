@@ -13,14 +13,16 @@ from typing import Any
 from twisted.internet import defer
 
 from consoled.store import schema
+from consoled.store.serial_ports import SerialPortRows
 from consoled.store.sessions import SessionRows
 from consoled.store.tokens import TokenRows
 
 
-class Store(TokenRows, SessionRows):
+class Store(TokenRows, SessionRows, SerialPortRows):
     """consoled's database, spoken to through Deferreds: the token part
-    (store/tokens.py) and the session and lease part (store/sessions.py) on
-    one engine and one runner."""
+    (store/tokens.py), the session and lease part (store/sessions.py) and
+    the serial port allocations (store/serial_ports.py) on one engine and
+    one runner."""
 
     # -- life cycle ---------------------------------------------------------
 

@@ -78,5 +78,19 @@ serial_leases = sa.Table(
     sa.Index("consoled_serial_leases_expires_at_idx", "expires_at"),
 )
 
+#: Serial ports handed out to instances, per compute host, from
+#: ``[serial_console] port_range``: a port in this table is never tested or
+#: handed out again until the instance releases it.  The primary key on
+#: (host, port) is what lets exactly one of two racing allocators have a port.
+serial_ports = sa.Table(
+    "consoled_serial_ports",
+    metadata,
+    sa.Column("host", sa.String(255), primary_key=True),
+    sa.Column("port", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("instance_uuid", sa.String(36), nullable=False),
+    sa.Column("allocated_at", sa.Double, nullable=False),
+    sa.Index("consoled_serial_ports_instance_uuid_idx", "instance_uuid"),
+)
+
 #: The tables consoled owns or adopts; anything else in a cell database is nova's.
 OWN_TABLES = frozenset(metadata.tables)
