@@ -3,12 +3,14 @@
     consoled-manage [--config-file F ...] db upgrade | db version
     consoled-manage token create --instance UUID --type TYPE --host H --port P
                                  [--internal-access-path P] [--tls-port P] [--ttl S]
+    consoled-manage token create --instance UUID --type serial --next-free [--host H]
     consoled-manage token show TOKEN
     consoled-manage token list [--instance UUID] [--host H]
     consoled-manage token revoke --instance UUID
     consoled-manage token clean
     consoled-manage session list [--all]
     consoled-manage session kick ID | --instance UUID [--reason TEXT] [--takeover]
+    consoled-manage serial allocate | release | list    (consoled/manage_serial.py)
     consoled-manage check
 
 ``check`` (consoled/check.py) reports, one line each, what would stop the
@@ -35,6 +37,12 @@ from twisted.internet import defer, task
 
 from consoled.check import run_check
 from consoled.config import ConfigError, Settings, load_settings
+from consoled.manage_serial import (
+    SerialCommandError,
+    add_serial_parser,
+    next_free_token,
+    run_serial,
+)
 from consoled.store import Store, open_store, schema
 from consoled.store.engine import describe_error
 from consoled.tokens import CONSOLE_TYPES, ConnectInfo
@@ -115,8 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     create = token.add_parser("create", help="authorize a console; prints its access URL")
     create.add_argument("--instance", required=True, type=_uuid)
     create.add_argument("--type", required=True, choices=CONSOLE_TYPES, dest="console_type")
-    create.add_argument("--host", required=True)
-    create.add_argument("--port", required=True, type=_port)
+    create.add_argument("--host", help="required, except with --next-free")
+    create.add_argument("--port", type=_port, help="required, except with --next-free")
+    create.add_argument(
+        "--next-free",
+        action="store_true",
+        help="serial: the first of the instance's allocated ports nobody holds",
+    )
     create.add_argument("--internal-access-path")
     create.add_argument("--tls-port", type=_port)
     create.add_argument("--ttl", type=_ttl, help="seconds (default: [consoleauth] token_ttl)")
@@ -128,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = token.add_parser("revoke", help="delete every token of an instance")
     revoke.add_argument("--instance", required=True, type=_uuid)
     token.add_parser("clean", help="delete expired tokens")
+
+    add_serial_parser(area, _uuid)
 
     session = area.add_parser("session", help="console sessions").add_subparsers(
         dest="command", required=True
@@ -200,7 +215,14 @@ def run(
     now = store.clock.seconds()
     if args.area == "session":
         yield _session_command(args, store, now, out)
+    elif args.area == "serial":
+        yield run_serial(args, settings, store, out)
+    elif args.command == "create" and args.next_free:
+        issued = yield next_free_token(args, settings, store)
+        out.write(issued.access_url + "\n")
     elif args.command == "create":
+        if args.host is None or args.port is None:
+            raise CommandError("token create needs --host and --port (or, serial, --next-free)", 2)
         issued = yield store.authorize(
             console_type=args.console_type,
             host=args.host,
@@ -296,8 +318,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
         def explain(failure: Any) -> None:
             error = failure.value
-            if isinstance(error, CommandError):
+            if isinstance(error, (CommandError, SerialCommandError)):
                 _report(str(error))
+                raise SystemExit(error.status)
             elif isinstance(error, schema.SchemaBehind):
                 _report(str(error))
             else:
