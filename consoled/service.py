@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from consoled import malloc
 from consoled.api import management_listener
+from consoled.api.consoles import ConsoleIssuer
 from consoled.backends import Backends
 from consoled.config import ConfigError, Settings, load_settings
 from consoled.consoleauth import legacy_from_settings
@@ -326,8 +327,16 @@ def compose(
     for door in doors:
         door.setServiceParent(top)
     if settings.consoled.api_key_hashes and not worker:
+        issuer = ConsoleIssuer(settings, store, reactor)
+        issuer.setServiceParent(top)
         management_listener(
-            settings, metrics=metrics, store=store, doors=doors, reactor=reactor, clock=clock
+            settings,
+            metrics=metrics,
+            store=store,
+            doors=doors,
+            reactor=reactor,
+            clock=clock,
+            issuer=issuer,
         ).setServiceParent(top)
     Announcer(
         reactor,

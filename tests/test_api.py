@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import json
+import os
+import uuid
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from twisted.internet import defer, threads
 from twisted.internet.testing import EventLoggingObserver
@@ -13,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from tests import hypervisors
 from tests.harness import INSTANCE, Consoled, test_settings
+from tests.test_drivers_libvirt import domain as libvirt_domain
 from tests.wsclient import http_request, ws_connect
 
 KEY = "consoled-test-key"
@@ -149,3 +155,105 @@ class OffByDefaultTests(TestCase):
     def test_no_listener_without_keys(self) -> None:
         consoled = Consoled(self, test_settings())
         self.assertRaises(KeyError, consoled.top.getServiceNamed, "api")
+
+
+class RemoteConsoleTests(TestCase):
+    """POST /servers/{id}/remote-consoles: libvirt's test driver finds QEMU's console, the
+    store mints the token, and the URL it answers opens that console through consoled."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        from tests.peers import require_peer
+
+        available = importlib.util.find_spec("libvirt") is not None
+        require_peer(self, "libvirt-python", available, "pip install libvirt-python")
+
+    @defer.inlineCallbacks
+    def consoled_for(self, devices: str) -> Any:
+        instance = str(uuid.uuid4())
+        node = os.path.abspath(self.mktemp()) + ".xml"
+        with open(node, "w") as f:
+            f.write("<node>" + libvirt_domain(instance, "vm1", devices) + "</node>")
+        base = test_settings(api_key_hashes=(KEY_HASH,), api_port=0)
+        settings = dataclasses.replace(
+            base, libvirt=dataclasses.replace(base.libvirt, connection_uri=f"test://{node}")
+        )
+        consoled = Consoled(self, settings)
+        yield None
+        return consoled, instance
+
+    def post(self, port: int, instance: str, body: bytes, key: str = KEY) -> Any:
+        request = (
+            f"POST /v2.1/servers/{instance}/remote-consoles HTTP/1.1\r\nHost: x\r\n"
+            f"X-Auth-Token: {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
+        return http_request(port, request)
+
+    @defer.inlineCallbacks
+    def test_openstacksdk_opens_a_novnc_console(self) -> Any:
+        import openstack
+
+        from tests.peers import start_qemu_vnc
+        from tests.rfb import rfb_handshake
+
+        vnc = yield start_qemu_vnc(self)
+        graphics = f"<graphics type='vnc' port='{vnc.port}' autoport='no' listen='{vnc.host}'/>"
+        consoled, instance = yield self.consoled_for(graphics)
+        base = f"http://127.0.0.1:{consoled.port('api')}/v2.1"
+
+        def create() -> Any:
+            connection = openstack.connect(
+                auth_type="admin_token",
+                auth={"token": KEY, "endpoint": base},
+                compute_endpoint_override=base,
+                compute_api_version="2.99",
+            )
+            try:
+                return connection.compute.create_console(instance, console_type="novnc")
+            finally:
+                connection.close()
+
+        console = yield threads.deferToThread(create)
+        self.assertEqual((console["type"], console["protocol"]), ("novnc", "vnc"))
+        token = parse_qs(urlsplit(parse_qs(urlsplit(console["url"]).query)["path"][0]).query)[
+            "token"
+        ][0]
+        client = yield ws_connect(consoled.port("novnc"), token)
+        width, height = yield defer.Deferred.fromCoroutine(rfb_handshake(client))
+        self.assertGreater(width * height, 0)
+        client.sendClose()
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_refusals_in_novas_shapes(self) -> Any:
+        consoled, instance = yield self.consoled_for("")
+        port = consoled.port("api")
+        good = b'{"remote_console": {"protocol": "vnc", "type": "novnc"}}'
+        cases = [
+            (instance, b"{}", 400, "badRequest", "remote_console"),
+            (
+                instance,
+                b'{"remote_console": {"protocol": "rdp", "type": "x"}}',
+                400,
+                "badRequest",
+                "protocol",
+            ),
+            (
+                instance,
+                b'{"remote_console": {"protocol": "vnc", "type": "serial"}}',
+                400,
+                "badRequest",
+                "type",
+            ),
+            (str(uuid.uuid4()), good, 404, "itemNotFound", "could not be found"),
+            (instance, good, 409, "conflictingRequest", "no novnc console"),
+        ]
+        for target, body, code, name, words in cases:
+            status, _, answer = yield self.post(port, target, body)
+            fault = json.loads(answer)[name]
+            self.assertEqual((status, fault["code"]), (code, code), answer)
+            self.assertIn(words, fault["message"])
+        status, _, _ = yield self.post(port, instance, good, key="wrong")
+        self.assertEqual(status, 401)

@@ -10,7 +10,8 @@ never on a public door, and off unless ``[consoled] api_key_hashes`` is set:
   ``api_key_hashes`` (SHA-256 hex digests; ``consoled-manage api-key
   create``): 401 without it.  ``GET /v2.1`` (version discovery) and
   ``GET /v2.1/os-console-auth-tokens/{token}`` (the look-up other proxies
-  use) so far.
+  use) and ``POST /v2.1/servers/{id}/remote-consoles`` (a driver finds the
+  console, the store mints the token: consoled/api/consoles.py) so far.
 
 docs/api.md and docs/metrics.md have the calls and the metrics.
 """
@@ -41,6 +42,9 @@ log = Logger()
 #: The microversions answered (nova's range as clients discover it).
 MIN_VERSION, MAX_VERSION = "2.1", "2.99"
 
+#: The largest request body read (a remote-console request is tens of bytes).
+MAX_BODY = 64 * 1024
+
 #: How long /healthz waits for the store.
 HEALTH_TIMEOUT = 2.0
 
@@ -55,7 +59,15 @@ def _json(request: server.Request, code: int, body: Any) -> bytes:
 
 def _fault(request: server.Request, code: int, message: str) -> bytes:
     """nova's error body: {"badRequest": {"code": 400, "message": …}} and its kin."""
-    name = {400: "badRequest", 401: "unauthorized", 404: "itemNotFound", 405: "badMethod"}
+    name = {
+        400: "badRequest",
+        401: "unauthorized",
+        404: "itemNotFound",
+        405: "badMethod",
+        409: "conflictingRequest",
+        413: "overLimit",
+        503: "serviceUnavailable",
+    }
     return _json(
         request, code, {name.get(code, "computeFault"): {"code": code, "message": message}}
     )
@@ -125,11 +137,15 @@ class Authenticated(resource.Resource):
     """Everything under /v2.1: the key first, then the child."""
 
     def __init__(
-        self, key_hashes: Iterable[str], find_token: Callable[[str], defer.Deferred[Any]]
+        self,
+        key_hashes: Iterable[str],
+        find_token: Callable[[str], defer.Deferred[Any]],
+        issuer: Any = None,
     ) -> None:
         super().__init__()
         self._hashes = tuple(h.lower() for h in key_hashes)
         self._find_token = find_token
+        self._issuer = issuer
 
     def _authorised(self, request: server.Request) -> bool:
         key = request.getHeader(b"x-auth-token")
@@ -149,11 +165,70 @@ class Authenticated(resource.Resource):
         if not self._authorised(request):
             request.setHeader(b"www-authenticate", b'Keystone uri="consoled"')
             return _fault(request, 401, "The request you have made requires authentication.")
+        if (
+            request.method == b"POST"
+            and len(parts) == 4
+            and parts[:2] == ["v2.1", "servers"]
+            and parts[3] == "remote-consoles"
+        ):
+            return self._remote_console(request, parts[2])
         if request.method != b"GET":
             return _fault(request, 405, "method not allowed")
         if len(parts) == 3 and parts[:2] == ["v2.1", "os-console-auth-tokens"]:
             return self._token(request, parts[2])
         return _fault(request, 404, "no such resource")
+
+    def _remote_console(self, request: server.Request, instance_uuid: str) -> Any:
+        """nova's POST /servers/{id}/remote-consoles: a new token and its URL."""
+        from consoled.api.consoles import PROTOCOLS
+        from consoled.drivers import HypervisorUnreachable, NoSuchConsole, NoSuchInstance
+
+        if self._issuer is None:
+            return _fault(request, 503, "no console driver is configured")
+        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+        if len(raw) > MAX_BODY:
+            return _fault(request, 413, f"request body over {MAX_BODY} bytes")
+        try:
+            asked = json.loads(raw)["remote_console"]
+            protocol, console_type = asked["protocol"], asked["type"]
+        except (ValueError, KeyError, TypeError):
+            return _fault(
+                request,
+                400,
+                "Invalid input for field/attribute remote_console: expected"
+                ' {"remote_console": {"protocol": …, "type": …}}',
+            )
+        if protocol not in PROTOCOLS:
+            return _fault(
+                request,
+                400,
+                f"Invalid input for field/attribute protocol: {str(protocol)[:40]!r} is not one of"
+                f" {', '.join(sorted(PROTOCOLS))}",
+            )
+        if console_type not in PROTOCOLS[protocol]:
+            return _fault(
+                request,
+                400,
+                f"Invalid input for field/attribute type: {str(console_type)[:40]!r} is not"
+                f" valid with protocol {protocol}",
+            )
+
+        def shape(issued: Any) -> bytes:
+            body = {"protocol": protocol, "type": console_type, "url": issued.access_url}
+            return _json(request, 200, {"remote_console": body})
+
+        def refused(failure: Failure) -> bytes:
+            if failure.check(NoSuchInstance):
+                return _fault(request, 404, f"Instance {instance_uuid[:64]} could not be found.")
+            if failure.check(NoSuchConsole):
+                return _fault(request, 409, str(failure.value))
+            if failure.check(HypervisorUnreachable):
+                log.info("console for an API call: {why}", why=str(failure.value))
+                return _fault(request, 503, str(failure.value))
+            return failure  # type: ignore[return-value]
+
+        issuing = defer.maybeDeferred(self._issuer.issue, instance_uuid, protocol, console_type)
+        return _deferred(request, issuing.addCallbacks(shape, refused))
 
     def _token(self, request: server.Request, token: str) -> Any:
         wants_tls_port = _microversion(request) >= (2, 99)
@@ -229,9 +304,12 @@ def management_site(
     find_token: Callable[[str], defer.Deferred[Any]],
     key_hashes: Iterable[str],
     clock: Any,
+    issuer: Any = None,
 ) -> server.Site:
     root = Root(
-        Health(ping, doors, clock), MetricsPage(metrics), Authenticated(key_hashes, find_token)
+        Health(ping, doors, clock),
+        MetricsPage(metrics),
+        Authenticated(key_hashes, find_token, issuer),
     )
     site = server.Site(root, logFormatter=_access_line)
     site.displayTracebacks = False
@@ -247,6 +325,7 @@ def management_listener(
     doors: Iterable[Any],
     reactor: Any,
     clock: Any = None,
+    issuer: Any = None,
 ) -> DoorService:
     """The management listener's service (bound with the doors, refused in one line likewise)."""
     doors = list(doors)
@@ -258,6 +337,7 @@ def management_listener(
         find_token=store.find_token,
         key_hashes=settings.consoled.api_key_hashes,
         clock=clock or reactor,
+        issuer=issuer,
     )
     endpoint = serverFromString(reactor, endpoint_string(host, port))
     return DoorService("api", "management (health, metrics, API)", endpoint, site, API)
