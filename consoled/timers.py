@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from consoled.store import Store
-from consoled.store.breaker import StoreDown
+from consoled.store.breaker import is_outage
 
 log = Logger()
 
@@ -27,7 +27,7 @@ def clean_expired_tokens(store: Store, batch: int) -> defer.Deferred[None]:
             log.info("deleted {count} expired console tokens", count=count)
 
     def failed(failure: Any) -> None:
-        if failure.check(StoreDown):  # the breaker logged the outage
+        if is_outage(failure):  # the breaker logs the outage, once
             return
         log.failure("cleaning expired console tokens failed; next period tries again", failure)
 
@@ -42,7 +42,7 @@ def end_lost_sessions(store: Store, silent_for: float) -> defer.Deferred[None]:
             log.info("ended {count} session row(s) of a lost proxy", count=count)
 
     def failed(failure: Any) -> None:
-        if failure.check(StoreDown):  # the breaker logged the outage
+        if is_outage(failure):  # the breaker logs the outage, once
             return
         log.failure("ending lost sessions failed; next period tries again", failure)
 
