@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 from tests import hypervisors
 from tests.harness import INSTANCE, Consoled, test_settings
 from tests.test_drivers_libvirt import domain as libvirt_domain
+from tests.test_drivers_libvirt import serial_tcp as libvirt_serial
 from tests.wsclient import http_request, ws_connect
 
 KEY = "consoled-test-key"
@@ -257,3 +258,30 @@ class RemoteConsoleTests(TestCase):
             self.assertIn(words, fault["message"])
         status, _, _ = yield self.post(port, instance, good, key="wrong")
         self.assertEqual(status, 401)
+
+    @defer.inlineCallbacks
+    def test_serial_next_free_port(self) -> Any:
+        """nova bug 1425640: each serial console asked for is the first port no user holds;
+        with every port held, 409 naming how many and since when."""
+        echoes = [hypervisors.serve(self, hypervisors.Echo) for _ in range(2)]
+        devices = "".join(libvirt_serial("127.0.0.1", echo.port) for echo in echoes)
+        consoled, instance = yield self.consoled_for(devices)
+        body = b'{"remote_console": {"protocol": "serial", "type": "serial"}}'
+        ports = []
+        for _ in echoes:
+            status, _, answer = yield self.post(consoled.port("api"), instance, body)
+            self.assertEqual(status, 200, answer)
+            url = json.loads(answer)["remote_console"]["url"]
+            token = parse_qs(urlsplit(url).query)["token"][0]
+            holder = yield ws_connect(consoled.port("serial"), token)
+            self.addCleanup(holder.transport.abortConnection)
+            holder.send(b"x")
+            yield holder.read(1)
+            (row,) = [r for r in consoled.session_rows() if r["ended_at"] is None][-1:]
+            ports.append(row["port"])
+        self.assertEqual(ports, [echo.port for echo in echoes])
+        status, _, answer = yield self.post(consoled.port("api"), instance, body)
+        fault = json.loads(answer)["conflictingRequest"]
+        self.assertEqual(status, 409)
+        self.assertIn("all 2 port(s)", fault["message"])
+        self.assertIn("since", fault["message"])

@@ -182,6 +182,7 @@ class Authenticated(resource.Resource):
         """nova's POST /servers/{id}/remote-consoles: a new token and its URL."""
         from consoled.api.consoles import PROTOCOLS
         from consoled.drivers import HypervisorUnreachable, NoSuchConsole, NoSuchInstance
+        from consoled.store.serial_ports import NoSerialPortFree
 
         if self._issuer is None:
             return _fault(request, 503, "no console driver is configured")
@@ -220,7 +221,7 @@ class Authenticated(resource.Resource):
         def refused(failure: Failure) -> bytes:
             if failure.check(NoSuchInstance):
                 return _fault(request, 404, f"Instance {instance_uuid[:64]} could not be found.")
-            if failure.check(NoSuchConsole):
+            if failure.check(NoSuchConsole, NoSerialPortFree):
                 return _fault(request, 409, str(failure.value))
             if failure.check(HypervisorUnreachable):
                 log.info("console for an API call: {why}", why=str(failure.value))

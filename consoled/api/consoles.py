@@ -9,7 +9,7 @@ protocol  type                driver
 ========  ==================  ==========================
 vnc       novnc, xvpvnc       libvirt ([libvirt] connection_uri)
 spice     spice-html5         libvirt
-serial    serial              libvirt (the instance's first serial port)
+serial    serial              libvirt (the first serial port no user holds)
 mks       webmks              vSphere ([vmware] host_ip, …)
 ========  ==================  ==========================
 
@@ -74,6 +74,12 @@ class ConsoleIssuer(Service):
         if not found:
             raise NoSuchConsole(instance_uuid, console_type, "none found")
         endpoint = found[0]
+        if console_type == "serial":
+            # nova bug 1425640: the first of the instance's ports no user holds
+            # (every proxy's leases), or NoSerialPortFree naming each holder.
+            ports = [e.port for e in found if e.host == endpoint.host and e.port is not None]
+            free = yield self._store.next_free_serial_port(endpoint.host, ports)
+            endpoint = next(e for e in found if e.host == endpoint.host and e.port == free)
         port = endpoint.port if endpoint.port is not None else endpoint.tls_port
         assert port is not None
         issued: IssuedToken = yield self._store.authorize(
