@@ -65,6 +65,12 @@ def add_serial_parser(area: Any, uuid_type: Any) -> None:
         action="store_true",
         help="also test each new port with a TCP connect that must be refused",
     )
+    allocate.add_argument(
+        "--define",
+        action="store_true",
+        help="also add the devices to the domain's persistent definition on "
+        "[libvirt] connection_uri (the ports are given back if that fails)",
+    )
     release = serial.add_parser("release", help="give back an instance's ports")
     release.add_argument("--instance", required=True, type=uuid_type)
     release.add_argument("--host", help="only the ports on this compute host")
@@ -89,6 +95,40 @@ def serial_xml(host: str, port: int, index: int) -> str:
         f"  <target port='{index}'/>\n"
         "</serial>\n"
     )
+
+
+@defer.inlineCallbacks
+def _define(
+    args: argparse.Namespace,
+    settings: Settings,
+    store: Store,
+    devices: list[str],
+    ports: list[int],
+    reactor: Any,
+) -> Any:
+    """The devices into the domain's definition; on failure the new ports are given back."""
+    from consoled.drivers import DriverError
+
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        from consoled.drivers.libvirt import LibvirtDriver
+    except ImportError:
+        yield _give_back(args, store, ports)
+        raise SerialCommandError("--define needs libvirt-python (pip install libvirt-python)")
+    driver = LibvirtDriver.from_settings(settings, reactor)
+    try:
+        yield driver.add_devices(args.instance, devices)
+    except DriverError as error:
+        yield _give_back(args, store, ports)
+        raise SerialCommandError(f"{error}; the new ports were given back")
+    finally:
+        yield driver.close()
+
+
+def _give_back(args: argparse.Namespace, store: Store, ports: list[int]) -> Any:
+    """Only this call's ports: those the instance held before stay allocated."""
+    return store.release_serial_ports(args.instance, host=args.host, ports=ports)
 
 
 @defer.inlineCallbacks
@@ -120,8 +160,14 @@ def run_serial(
             f"allocated {len(ports)} serial port(s) on {args.host} to instance {args.instance}: "
             f"{' '.join(map(str, ports))}\n\n"
         )
-        for port in ports:
-            out.write(serial_xml(args.host, port, index[port]))
+        devices = [serial_xml(args.host, port, index[port]) for port in ports]
+        for device in devices:
+            out.write(device)
+        if args.define:
+            yield _define(args, settings, store, devices, ports, reactor)
+            out.write(
+                f"\nadded to the persistent definition on {settings.libvirt.connection_uri}\n"
+            )
     elif args.command == "release":
         count = yield store.release_serial_ports(args.instance, host=args.host)
         out.write(f"released {count} serial port(s) of instance {args.instance}\n")

@@ -252,6 +252,31 @@ class LibvirtDriverTests(unittest.TestCase):
             self.assertNotIn("consoled.drivers", text, os.fspath(path))
             self.assertNotIn("from consoled import drivers", text, os.fspath(path))
 
+    @defer.inlineCallbacks
+    def test_add_devices_to_the_persistent_definition(self) -> Any:
+        """Serial devices added with defineXML are in the domain's inactive XML, in order."""
+        instance = str(uuid.uuid4())
+        driver = self.driver(self.node(domain(instance, "vm1", "")))
+        devices = [serial_tcp("compute-1", 10000), serial_tcp("compute-1", 10001)]
+        yield driver.add_devices(instance, devices)
+
+        def inactive() -> str:
+            import libvirt
+
+            connection = driver._connected()
+            xml: str = connection.lookupByUUIDString(instance).XMLDesc(
+                libvirt.VIR_DOMAIN_XML_INACTIVE
+            )
+            return xml
+
+        from xml.etree import ElementTree
+
+        root = ElementTree.fromstring((yield driver._threads.run(inactive)))
+        services = [s.get("service") for s in root.findall("./devices/serial/source")]
+        self.assertEqual(services, ["10000", "10001"])
+        with self.assertRaises(NoSuchInstance):
+            yield driver.add_devices(str(uuid.uuid4()), devices)
+
 
 class FailingOnce:
     """A libvirt connection whose first look-up fails as a dropped RPC connection does."""

@@ -12,13 +12,15 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from consoled.config import Settings
 from consoled.manage import CommandError, build_parser, run
 from consoled.manage_serial import NO_PORT_FREE_STATUS, SerialCommandError, serial_xml
 from consoled.store import Store, schema
 from consoled.store.engine import make_engine
 from consoled.store.runner import InlineRunner
 from consoled.tokens import hash_token
-from tests.test_manage import INSTANCE, CommandBase, CommandLineTests
+from tests import test_manage
+from tests.test_manage import INSTANCE, CommandBase
 from tests.test_store import take_lease
 
 OTHER = "1e2d3c4b-5a69-4788-9a0b-c1d2e3f4a5b6"
@@ -178,11 +180,11 @@ class SerialCommandLineTests(TestCase):
 
     timeout = 60
     # CommandLineTests' helpers, without running its tests a second time.
-    manage = CommandLineTests.manage
-    assertOneLineError = CommandLineTests.assertOneLineError
+    manage = test_manage.CommandLineTests.manage
+    assertOneLineError = test_manage.CommandLineTests.assertOneLineError
 
     def config(self, connection: str) -> str:
-        path = CommandLineTests.config(self, connection)  # type: ignore[arg-type]
+        path = test_manage.CommandLineTests.config(self, connection)  # type: ignore[arg-type]
         with open(path, "a") as f:
             f.write("[serial_console]\nport_range = 10000:10001\n")
         return path
@@ -222,3 +224,49 @@ class SerialCommandLineTests(TestCase):
             1,
             "no free serial port on host compute-1 in [serial_console] port_range 10000:10001",
         )  # fmt: skip
+
+
+class DefineTests(TestCase):
+    """serial allocate --define: the devices go into the domain's definition on
+    [libvirt] connection_uri (libvirt's test driver), or the new ports are given back."""
+
+    def setUp(self) -> None:
+        import importlib.util
+
+        from tests.peers import require_peer
+
+        available = importlib.util.find_spec("libvirt") is not None
+        require_peer(self, "libvirt-python", available, "pip install libvirt-python")
+        from tests.test_drivers_libvirt import domain
+
+        node = os.path.abspath(self.mktemp()) + ".xml"
+        with open(node, "w") as f:
+            f.write("<node>" + domain(INSTANCE, "vm1", "") + "</node>")
+        engine = make_engine("sqlite:///" + os.path.abspath(self.mktemp()) + ".sqlite")
+        self.addCleanup(engine.dispose)
+        schema.upgrade(engine)
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        self.store = Store(engine, InlineRunner(), clock)
+        base = Settings()
+        self.settings = dataclasses.replace(
+            base, libvirt=dataclasses.replace(base.libvirt, connection_uri=f"test://{node}")
+        )
+
+    def allocate(self, instance: str) -> defer.Deferred[Any]:
+        argv = ["serial", "allocate", "--host", "compute-1", "--instance", instance, "--define"]
+        return run(build_parser().parse_args(argv), self.settings, self.store, False, io.StringIO())
+
+    @defer.inlineCallbacks
+    def test_defined(self) -> Any:
+        yield self.allocate(INSTANCE)
+        rows = yield self.store.serial_ports(instance_uuid=INSTANCE)
+        self.assertEqual([row.port for row in rows], [10000])
+
+    @defer.inlineCallbacks
+    def test_unknown_domain_gives_the_ports_back(self) -> Any:
+        yield self.allocate(INSTANCE)  # one port the instance keeps
+        error = yield self.assertFailure(self.allocate(OTHER), SerialCommandError)
+        self.assertIn("given back", str(error))
+        self.assertEqual((yield self.store.serial_ports(instance_uuid=OTHER)), [])
+        self.assertEqual(len((yield self.store.serial_ports(instance_uuid=INSTANCE))), 1)

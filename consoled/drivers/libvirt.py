@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -116,6 +116,11 @@ class LibvirtDriver:
         """The domain's live XML (``XMLDesc(0)``)."""
         return self._threads.run(self._live_xml, instance_uuid)
 
+    def add_devices(self, instance_uuid: str, devices: Sequence[str]) -> Deferred[None]:
+        """Add device XML (e.g. ``<serial type='tcp'>``) to the domain's persistent
+        definition (``defineXML``); a running domain gets them at its next start."""
+        return self._threads.run(self._add_devices, instance_uuid, list(devices))
+
     def close(self) -> Deferred[None]:
         """Close the connection in the pool, then stop the pool."""
         d = self._threads.run(self._drop_connection, None)
@@ -162,6 +167,24 @@ class LibvirtDriver:
         if not ports:
             raise NoSuchConsole(instance_uuid, "serial", "the domain has no TCP serial port")
         return tuple(ports)
+
+    def _add_devices(self, instance_uuid: str, devices: list[str]) -> None:
+        if not is_uuid(instance_uuid):
+            raise NoSuchInstance(instance_uuid, self.uri)
+        connection = self._connected()
+        try:
+            domain = connection.lookupByUUIDString(instance_uuid)
+            root = ElementTree.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            found = root.find("./devices")
+            if found is None:
+                found = ElementTree.SubElement(root, "devices")
+            for device in devices:
+                found.append(ElementTree.fromstring(device))
+            connection.defineXML(ElementTree.tostring(root, encoding="unicode"))
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NoSuchInstance(instance_uuid, self.uri) from None
+            raise DriverError(f"libvirt at {self.uri}: {e.get_error_message()}") from None
 
     def _host(self, kind: str, address: str | None) -> str:
         if address is None or address in _EVERY_ADDRESS:

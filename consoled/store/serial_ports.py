@@ -218,12 +218,15 @@ class SerialPortRows(StorePart):
         return taken
 
     def release_serial_ports(
-        self, instance_uuid: str, host: str | None = None
+        self, instance_uuid: str, host: str | None = None, ports: Sequence[int] | None = None
     ) -> defer.Deferred[int]:
-        """Give back every port of the instance (on ``host`` only, if named): how many."""
+        """Give back every port of the instance (on ``host`` only, if named; only
+        ``ports``, if given): how many."""
         statement = ports_table.delete().where(ports_table.c.instance_uuid == instance_uuid)
         if host is not None:
             statement = statement.where(ports_table.c.host == host)
+        if ports is not None:
+            statement = statement.where(ports_table.c.port.in_(list(ports)))
         return self._run(lambda connection: connection.execute(statement).rowcount)
 
     def serial_ports(
