@@ -210,7 +210,11 @@ class DoorRig:
             self.factory = XVPFactory(gate, self.reactor, 15)
         else:
             websocket = ConsoleServerFactory(Door(door, gate), ping_interval=0)
-            self.factory = DoorFactory(door_site(None, timeout=30), websocket, self.reactor, 30, 60)
+            site = door_site(None, timeout=30)
+            # The Site's idle timers on the memory clock too: on the global
+            # reactor, which does not run here, cancelled ones pile up.
+            site.reactor = self.reactor
+            self.factory = DoorFactory(site, websocket, self.reactor, 30, 60)
             self.factory.doStart()
         self.errors: list[str] = []
         globalLogPublisher.addObserver(self._observe)
@@ -241,6 +245,8 @@ class DoorRig:
                     self.reactor.advance(61)  # prompt, head, admission and connect timeouts
                 protocol.connectionLost(Failure(ConnectionError("user left")))
                 self.reactor.advance(61)  # whatever was left to time out
+                # MemoryReactor keeps every connection it was asked for: forget them.
+                del self.reactor.tcpClients[:], self.reactor.connectors[:]
             except Exception as error:  # a crash: the protocol raised into the reactor
                 return f"raised {error!r}"
         if self.errors:
