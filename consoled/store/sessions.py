@@ -286,10 +286,26 @@ class SessionRows(StorePart):
         )
         return self._run(lambda connection: connection.execute(statement) and None)
 
-    def list_sessions(self, *, live: bool = True) -> defer.Deferred[list[dict[str, Any]]]:
+    def list_sessions(
+        self,
+        *,
+        live: bool = True,
+        instance_uuid: str | None = None,
+        host: str | None = None,
+        console_type: str | None = None,
+        session_id: int | None = None,
+    ) -> defer.Deferred[list[dict[str, Any]]]:
         query = sa.select(sessions_table).order_by(sessions_table.c.id)
         if live:
             query = query.where(sessions_table.c.ended_at.is_(None))
+        for column, value in (
+            (sessions_table.c.instance_uuid, instance_uuid),
+            (sessions_table.c.host, host),
+            (sessions_table.c.console_type, console_type),
+            (sessions_table.c.id, session_id),
+        ):
+            if value is not None:
+                query = query.where(column == value)
         return self._run(lambda connection: [dict(r._mapping) for r in connection.execute(query)])
 
     def reclaim(self, proxy: str) -> defer.Deferred[tuple[int, int]]:

@@ -96,6 +96,18 @@ class TokenRows(StorePart):
 
         return self._run(select)
 
+    def extend_token(self, token_hash: str, expires: int) -> defer.Deferred[int]:
+        """A valid token now expires at ``expires`` (the API's touch); 0 if it had expired."""
+        statement = (
+            tokens_table.update()
+            .where(
+                tokens_table.c.token_hash == token_hash,
+                tokens_table.c.expires > int(self._now()),
+            )
+            .values(expires=expires)
+        )
+        return self._run(lambda connection: connection.execute(statement).rowcount)
+
     def revoke_instance(self, instance_uuid: str) -> defer.Deferred[int]:
         """Delete every token of an instance (nova's clean_console_auths_for_instance)."""
         statement = tokens_table.delete().where(tokens_table.c.instance_uuid == instance_uuid)
