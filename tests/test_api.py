@@ -285,3 +285,195 @@ class RemoteConsoleTests(TestCase):
         self.assertEqual(status, 409)
         self.assertIn("all 2 port(s)", fault["message"])
         self.assertIn("since", fault["message"])
+
+
+def call(
+    port: int, method: str, path: str, body: Any = None, key: str | None = KEY
+) -> defer.Deferred[tuple[int, dict[bytes, bytes], bytes]]:
+    data = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    if key is not None:
+        lines.append(f"X-Auth-Token: {key}")
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+    return http_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + data)
+
+
+def sdk(port: int) -> Any:
+    import openstack
+
+    base = f"http://127.0.0.1:{port}/v2.1"
+    return openstack.connect(
+        auth_type="admin_token",
+        auth={"token": KEY, "endpoint": base},
+        compute_endpoint_override=base,
+        compute_api_version="2.99",
+    )
+
+
+class ManagementCallTests(TestCase):
+    """Console output, sessions, connection details, touch and token deletion (issue 14.4)."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        self.consoled = Consoled(
+            self,
+            test_settings(api_key_hashes=(KEY_HASH,), api_port=0, record_dir=self.directory),
+        )
+        self.port = self.consoled.port("api")
+        self.echo = hypervisors.serve(self, hypervisors.Echo)
+
+    @defer.inlineCallbacks
+    def serial_session(self, data: bytes) -> Any:
+        issued = yield self.consoled.authorize("serial", "127.0.0.1", self.echo.port)
+        client = yield ws_connect(self.consoled.port("serial"), issued.token)
+        self.addCleanup(client.transport.abortConnection)
+        client.send(data)
+        yield client.read(len(data))
+        return issued, client
+
+    def fault(self, answer: tuple[int, Any, bytes], code: int, name: str, words: str) -> None:
+        status, _, body = answer
+        fault = json.loads(body)[name]
+        self.assertEqual((status, fault["code"]), (code, code), body)
+        self.assertIn(words, fault["message"])
+
+    @defer.inlineCallbacks
+    def test_console_output(self) -> Any:
+        """os-getConsoleOutput: the last N lines of the instance's serial console log, found
+        through its session row; openstacksdk as the client; 400 naming length, 404 none."""
+        yield self.serial_session(b"line one\r\nline two\r\nline three\r\n")
+
+        def output(length: Any) -> Any:
+            connection = sdk(self.port)
+            try:
+                return connection.compute.get_server_console_output(INSTANCE, length=length)
+            finally:
+                connection.close()
+
+        answer = yield threads.deferToThread(output, 2)
+        self.assertEqual(answer["output"], "line two\r\nline three\r\n")
+        answer = yield threads.deferToThread(output, None)
+        self.assertIn("line one\r\n", answer["output"])
+        self.assertIn("attach 127.0.0.1 via websocket/serial", answer["output"])
+        path = f"/v2.1/servers/{INSTANCE}/action"
+        status, _, body = yield call(self.port, "POST", path, {"os-getConsoleOutput": {}})
+        self.assertEqual(json.loads(body)["output"], answer["output"])
+        for bad in (-3, "two", 1.5, True):
+            answer = yield call(self.port, "POST", path, {"os-getConsoleOutput": {"length": bad}})
+            self.fault(answer, 400, "badRequest", "length")
+        answer = yield call(self.port, "POST", path, {"os-start": None})
+        self.fault(answer, 400, "badRequest", "no such action")
+        answer = yield call(
+            self.port,
+            "POST",
+            f"/v2.1/servers/{uuid.uuid4()}/action",
+            {"os-getConsoleOutput": {"length": 1}},
+        )
+        self.fault(answer, 404, "itemNotFound", "no serial console port")
+
+    @defer.inlineCallbacks
+    def test_console_output_through_the_allocator_and_rotated_files(self) -> Any:
+        """An instance's allocated port leads to its log; rotated files are read too."""
+        instance = str(uuid.uuid4())
+        yield self.consoled.store.allocate_serial_ports(
+            host="192.0.2.9",
+            instance_uuid=instance,
+            count=1,
+            port_range=(10000, 10001),
+            probe=lambda host, port: defer.succeed(True),
+        )
+        (allocated,) = yield self.consoled.store.serial_ports(instance_uuid=instance)
+        os.makedirs(self.directory, exist_ok=True)
+        name = os.path.join(self.directory, f"192.0.2.9_{allocated.port}.log")
+        with open(name + ".1", "w") as f:
+            f.write("old 1\nold 2\n")
+        with open(name, "w") as f:
+            f.write("new 1\nnew 2\n")
+        path = f"/v2.1/servers/{instance}/action"
+        status, _, body = yield call(
+            self.port, "POST", path, {"os-getConsoleOutput": {"length": 3}}
+        )
+        self.assertEqual((status, json.loads(body)["output"]), (200, "old 2\nnew 1\nnew 2\n"))
+
+    @defer.inlineCallbacks
+    def test_sessions_listed_and_kicked(self) -> Any:
+        issued, client = yield self.serial_session(b"hi")
+        status, _, body = yield call(
+            self.port, "GET", f"/v2.1/os-consoled-sessions?instance_uuid={INSTANCE}"
+        )
+        (session,) = json.loads(body)["sessions"]
+        self.assertEqual((status, session["port"]), (200, self.echo.port))
+        self.assertEqual(session["token_hash_prefix"], issued.connect_info.hash_prefix)
+        self.assertNotIn(issued.token, body.decode())
+        self.assertNotIn(issued.connect_info.token_hash, body.decode())
+        status, _, body = yield call(self.port, "GET", "/v2.1/os-consoled-sessions?host=192.0.2.1")
+        self.assertEqual(json.loads(body), {"sessions": []})
+        action = f"/v2.1/os-consoled-sessions/{session['id']}/action"
+        answer = yield call(self.port, "POST", action, {"kick": {"reason": 5}})
+        self.fault(answer, 400, "badRequest", "reason")
+        answer = yield call(self.port, "POST", action, {"shout": {}})
+        self.fault(answer, 400, "badRequest", "no such action")
+        for unknown in ("999999", "99999999999999999999", "x"):
+            answer = yield call(
+                self.port, "POST", f"/v2.1/os-consoled-sessions/{unknown}/action", {"takeover": {}}
+            )
+            self.fault(answer, 404, "itemNotFound", "could not be found")
+        status, _, _ = yield call(self.port, "POST", action, {"kick": {"reason": "maintenance"}})
+        self.assertEqual(status, 202)
+        yield self.consoled.sessions.touch()
+        yield client.closed
+        yield self.consoled.wait_sessions_ended()
+        (row,) = self.consoled.session_rows()
+        self.assertIn("maintenance", row["end_reason"])
+        answer = yield call(self.port, "POST", action, {"kick": {}})
+        self.fault(answer, 404, "itemNotFound", "could not be found")
+
+    @defer.inlineCallbacks
+    def test_connections_touch_and_delete(self) -> Any:
+        first = yield self.consoled.authorize("novnc", "192.0.2.5", 5901, ttl=60)
+        yield self.consoled.authorize("spice-html5", "192.0.2.6", 5900, tls_port=5901)
+        status, _, body = yield call(
+            self.port, "GET", f"/v2.1/os-consoled-connections?instance_uuid={INSTANCE}"
+        )
+        connections = json.loads(body)["connections"]
+        self.assertEqual([c["host"] for c in connections], ["192.0.2.5", "192.0.2.6"])
+        self.assertEqual(connections[1]["tls_port"], 5901)
+        self.assertEqual(connections[0]["token_hash_prefix"], first.connect_info.hash_prefix)
+        self.assertNotIn(first.token, body.decode())
+        self.assertNotIn(first.connect_info.token_hash, body.decode())
+        status, _, body = yield call(
+            self.port, "GET", "/v2.1/os-consoled-connections?host=192.0.2.6"
+        )
+        self.assertEqual([c["port"] for c in json.loads(body)["connections"]], [5900])
+        answer = yield call(self.port, "GET", "/v2.1/os-consoled-connections")
+        self.fault(answer, 400, "badRequest", "instance_uuid")
+
+        touch = f"/v2.1/os-console-auth-tokens/{first.token}/action"
+        status, _, body = yield call(self.port, "POST", touch, {"touch": {}})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["console"]["port"], 5901)
+        info = yield self.consoled.store.find_token(first.connect_info.token_hash)
+        ttl = self.consoled.settings.token_ttl("novnc")
+        self.assertGreaterEqual(info.expires, first.connect_info.expires - 60 + ttl)
+        answer = yield call(
+            self.port, "POST", "/v2.1/os-console-auth-tokens/nope/action", {"touch": {}}
+        )
+        self.fault(answer, 404, "itemNotFound", "invalid or has expired")
+
+        status, _, body = yield call(
+            self.port, "DELETE", f"/v2.1/servers/{INSTANCE}/os-consoled-tokens"
+        )
+        self.assertEqual((status, body), (204, b""))
+        status, _, body = yield call(
+            self.port, "GET", f"/v2.1/os-consoled-connections?instance_uuid={INSTANCE}"
+        )
+        self.assertEqual(json.loads(body), {"connections": []})
+        answer = yield call(self.port, "POST", touch, {"touch": None})
+        self.fault(answer, 404, "itemNotFound", "invalid or has expired")
+        answer = yield call(
+            self.port, "PUT", f"/v2.1/servers/{INSTANCE}/os-consoled-tokens", key=KEY
+        )
+        self.fault(answer, 405, "badMethod", "not allowed")
