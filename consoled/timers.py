@@ -35,7 +35,14 @@ def clean_expired_tokens(store: Store, batch: int) -> defer.Deferred[None]:
 
 
 def end_lost_sessions(store: Store, silent_for: float) -> defer.Deferred[None]:
-    """End the rows of sessions whose proxy stopped touching them (it died)."""
+    """End the rows of sessions whose proxy stopped touching them (it died).
+
+    Not until this store has been up for ``silent_for``: after an outage every
+    proxy's kept touches are still being written, and rows silent only
+    because of the outage are not a dead proxy's.
+    """
+    if store.up_for() < silent_for:
+        return defer.succeed(None)
 
     def report(count: int) -> None:
         if count:

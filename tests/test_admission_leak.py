@@ -261,6 +261,9 @@ def connect_pinged(port: int, token: str) -> defer.Deferred[PingedClient]:
     """
     factory = WebSocketClientFactory(f"ws://{HOST}:{port}/?token={token}", protocols=["binary"])
     factory.protocol = PingedClient
+    # Its admission waits behind thousands of look-ups on one store thread:
+    # on a loaded machine that takes longer than Autobahn's default 5 s.
+    factory.setProtocolOptions(openHandshakeTimeout=30)
     endpoint = TCP4ClientEndpoint(reactor, HOST, port, timeout=5)
     return endpoint.connect(factory).addCallback(lambda client: client.opened)
 

@@ -44,6 +44,11 @@ class Store(TokenRows, SessionRows, SerialPortRows):
     def upgrade_schema(self) -> defer.Deferred[None]:
         return self._runner.run(schema.upgrade, self.engine)
 
+    def up_for(self) -> float:
+        """Seconds since the store was last found up (its breaker's; for ever without one)."""
+        since = getattr(self._runner, "up_since", None)
+        return float("inf") if since is None else self.clock.seconds() - since
+
     def ping(self) -> defer.Deferred[None]:
         """A round trip to the database (health checks)."""
 

@@ -2,7 +2,7 @@
 
 ::
 
-    up ──(a call fails with a connection error, or takes longer than ``slow``)──► down
+    up ──(a call fails with a connection error, or runs longer than ``slow``)──► down
     down: calls fail at once with StoreDown (the gate answers 503 in well under 1 s);
           reads in flight fail too (their late answers are dropped);
           writes that must not be lost (session ends, touches, lease renewals)
@@ -37,8 +37,9 @@ from consoled.store.runner import Runner
 T = TypeVar("T")
 log = Logger()
 
-#: A call slower than this marks the store down (a blackholed database never answers).
-SLOW_SECONDS = 0.5
+#: A call that runs longer than this on its database thread marks the store down
+#: (a blackholed database never answers); time waiting for a free thread does not count.
+SLOW_SECONDS = 0.8
 #: How often a down store asks the database whether it is back.
 PROBE_SECONDS = 0.5
 #: Kept writes beyond this are dropped (and counted in the log): about one per session.
@@ -93,6 +94,8 @@ class Breaker:
         self.probe_every = probe_every
         self.max_kept = max_kept
         self.up = True
+        #: when the store was last found up (start, or the end of an outage)
+        self.up_since = clock.seconds()
         #: why the store is down, one line (refusals name it)
         self.cause = ""
         self._down_since = 0.0
@@ -127,7 +130,7 @@ class Breaker:
         if not self.up:
             self._refused += 1
             return defer.fail(StoreDown(self.cause))
-        return self._watched(self._runner.run(f, *args, **kwargs))
+        return self._watched(f, *args, **kwargs)
 
     # -- what the store adds ---------------------------------------------------
 
@@ -145,7 +148,7 @@ class Breaker:
             if not outer.called:
                 outer.callback(result) if not isinstance(result, Failure) else outer.errback(result)
 
-        self._watched(self._runner.run(f, *args)).addBoth(settle)
+        self._watched(f, *args).addBoth(settle)
         return outer
 
     def keep(self, key: Hashable, make: Callable[[], Callable[[], Any]]) -> defer.Deferred[None]:
@@ -171,7 +174,7 @@ class Breaker:
             else:
                 outer.callback(result)
 
-        self._watched(self._runner.run(make())).addBoth(settle)
+        self._watched(make()).addBoth(settle)
         return outer
 
     def _keep(self, key: Hashable, make: Callable[[], Callable[[], Any]]) -> None:
@@ -183,17 +186,36 @@ class Breaker:
 
     # -- up and down -------------------------------------------------------
 
-    def _watched(self, d: defer.Deferred[T]) -> defer.Deferred[T]:
-        timer = self._clock.callLater(self.slow, self._trip, None)
+    def _watched(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        """Run ``f`` on the pool; too slow once it *runs* (not while it waits
+        for a thread: a busy pool is not an outage) trips the breaker."""
+        timers: list[IDelayedCall] = []
+        finished = [False]
+
+        def arm() -> None:
+            if not finished[0]:
+                timers.append(self._clock.callLater(self.slow, self._trip, None))
+
+        def started(*a: Any, **kw: Any) -> T:
+            # On the database thread: the clock starts now, on the reactor.
+            from_thread = getattr(self._clock, "callFromThread", None)
+            if from_thread is not None:
+                from_thread(arm)
+            return f(*a, **kw)
+
+        if getattr(self._clock, "callFromThread", None) is None:
+            arm()  # a test clock and an inline runner: from the call on
 
         def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
+            finished[0] = True
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
             if isinstance(result, Failure) and is_outage(result):
                 self._trip(result)
             return result
 
-        return d.addBoth(done)
+        return self._runner.run(started, *args, **kwargs).addBoth(done)
 
     def _trip(self, failure: Failure | None) -> None:
         if not self.up:
@@ -268,6 +290,7 @@ class Breaker:
             written += 1
         self._probing = False
         self.up = True
+        self.up_since = self._clock.seconds()
         log.info(
             "the database is back after {seconds:.1f}s: {refused} call(s) refused,"
             " {written} kept write(s) written, {dropped} dropped",
