@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -305,7 +306,7 @@ class Authenticated(resource.Resource):
         if self._store is None:
             return self._no_store(request)
         length = arguments.get("length")
-        if isinstance(length, str) and length.lstrip("-").isdigit() and len(length) < 20:
+        if isinstance(length, str) and re.fullmatch(r"-?[0-9]{1,18}", length):
             length = int(length)  # nova's schema takes an integer or its digits
         if length is not None and (
             isinstance(length, bool) or not isinstance(length, int) or length < -1
@@ -395,13 +396,10 @@ class Authenticated(resource.Resource):
         reason = arguments.get("reason", "")
         if reason is None:
             reason = ""
-        if not isinstance(reason, str) or len(reason) > 255 or not reason.isprintable():
-            return _fault(
-                request,
-                400,
-                "Invalid input for field/attribute reason: expected printable text of at most"
-                " 255 characters",
-            )
+        if not isinstance(reason, str):
+            return _fault(request, 400, "Invalid input for field/attribute reason: expected text")
+        # It reaches logs and the console's recording: printable, and the column's length.
+        reason = "".join(c if c.isprintable() else "?" for c in reason[:255])
         missing = f"Session {session_id[:20]} could not be found."
         if not session_id.isascii() or not session_id.isdigit():
             return _fault(request, 404, missing)
@@ -444,7 +442,7 @@ class Authenticated(resource.Resource):
 
     def _remote_console(self, request: server.Request, instance_uuid: str) -> Any:
         """nova's POST /servers/{id}/remote-consoles: a new token and its URL."""
-        from consoled.api.consoles import PROTOCOLS
+        from consoled.api.consoles import PROTOCOLS, ConsoleTypeUnavailable
         from consoled.drivers import HypervisorUnreachable, NoSuchConsole, NoSuchInstance
         from consoled.store.serial_ports import NoSerialPortFree
 
@@ -485,6 +483,8 @@ class Authenticated(resource.Resource):
         def refused(failure: Failure) -> bytes:
             if failure.check(NoSuchInstance):
                 return _fault(request, 404, f"Instance {instance_uuid[:64]} could not be found.")
+            if failure.check(ConsoleTypeUnavailable):
+                return _fault(request, 400, str(failure.value))
             if failure.check(NoSuchConsole, NoSerialPortFree):
                 return _fault(request, 409, str(failure.value))
             if failure.check(HypervisorUnreachable):
@@ -533,12 +533,14 @@ def _filters(request: server.Request, *, required: bool) -> tuple[dict[str, str]
         if not values:
             continue
         value = values[-1].decode("utf-8", errors="replace")
-        if not _printable(value, limit):
+        if not value:
+            continue  # ?host= is no filter
+        if len(value) > limit or "\x00" in value:
             return {}, _fault(
                 request,
                 400,
-                f"Invalid input for field/attribute {name}: expected printable text of at most"
-                f" {limit} characters",
+                f"Invalid input for field/attribute {name}: expected at most {limit} characters"
+                " and no NUL",
             )
         filters[name] = value
     if required and not filters:
@@ -605,6 +607,11 @@ class Root(resource.Resource):
         self.putChild(b"metrics", metrics)
         self.putChild(b"v2.1", api)
         self.putChild(b"openapi.json", OpenAPIPage())
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        if path == b"" and not request.postpath:
+            return self  # GET / (Twisted's lookup of "" found nothing: 404)
+        return super().getChild(path, request)
 
     def render_GET(self, request: server.Request) -> bytes:
         return _json(request, 200, {"versions": [_version()]})

@@ -25,7 +25,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 
 from consoled.config import Settings
-from consoled.drivers import ConsoleEndpoint, HypervisorUnreachable, NoSuchConsole
+from consoled.drivers import ConsoleEndpoint, NoSuchConsole
 from consoled.tokens import IssuedToken
 
 #: protocol -> the console types nova accepts with it
@@ -35,6 +35,14 @@ PROTOCOLS: dict[str, tuple[str, ...]] = {
     "serial": ("serial",),
     "mks": ("webmks",),
 }
+
+
+class ConsoleTypeUnavailable(Exception):
+    """This deployment has no driver for the protocol (not configured, library missing):
+    nova's ConsoleTypeUnavailable, a 400, not an outage."""
+
+    def __init__(self, protocol: str, why: str) -> None:
+        super().__init__(f"Unavailable console type {protocol}: {why}")
 
 
 class ConsoleIssuer(Service):
@@ -61,9 +69,11 @@ class ConsoleIssuer(Service):
 
                     self._drivers[kind] = LibvirtDriver.from_settings(self._settings, self._reactor)
             except ImportError as error:
-                raise HypervisorUnreachable(kind, f"its library is not installed ({error.name})")
+                raise ConsoleTypeUnavailable(
+                    protocol, f"the {kind} driver's library is not installed ({error.name})"
+                )
             except ValueError as error:
-                raise HypervisorUnreachable(kind, str(error))
+                raise ConsoleTypeUnavailable(protocol, str(error))
         return self._drivers[kind]
 
     @defer.inlineCallbacks

@@ -92,7 +92,7 @@ def _query(name: str, description: str, max_length: int) -> dict[str, Any]:
         "in": "query",
         "required": False,
         "description": description,
-        "schema": {"type": "string", "maxLength": max_length},
+        "schema": {"type": "string", "maxLength": max_length, "pattern": "^[^\\x00]*$"},
     }
 
 
@@ -353,7 +353,7 @@ def _paths() -> dict[str, Any]:
                                         " null or -1 (nova's -1)",
                                         "oneOf": [
                                             {"type": "integer", "minimum": -1},
-                                            {"type": "string", "pattern": "^-?[0-9]+$"},
+                                            {"type": "string", "pattern": "^(-1|[0-9]{1,18})$"},
                                             {"type": "null"},
                                         ],
                                     }
