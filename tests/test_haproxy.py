@@ -33,6 +33,7 @@ from tests import hypervisors
 from tests.daemon import CHECKOUT, ENV, Twistd, start_consoled_on_free_ports
 from tests.databases import fresh_database
 from tests.peers import free_port, require_executable
+from tests.test_two_proxies import _hang_up, _later
 from tests.wsclient import StreamClient, upgrade_request
 
 log = Logger()
@@ -52,17 +53,6 @@ class Proxy:
     novnc_port: int
     serial_port: int
     process: Twistd
-
-
-def _later(seconds: float) -> defer.Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-def _hang_up(client: StreamClient) -> Any:
-    if client.closed.called:
-        return None
-    client.sendClose(1000)
-    return client.closed
 
 
 class RawClient(Protocol):

@@ -242,19 +242,21 @@ def connect_backend(
     def connected(protocol: BackendProtocol) -> defer.Deferred[BackendProtocol]:
         return protocol.ready
 
-    def explain(failure: Failure) -> Failure:
-        if failure.check(Refusal):
-            return failure
-        # addTimeout cancels the connect; endpoints then fail with ConnectingCancelledError.
-        if failure.check(
-            defer.TimeoutError,
-            defer.CancelledError,
-            error.TimeoutError,
-            error.ConnectingCancelledError,
-        ):
-            raise Refusal(Kind.BACKEND_TIMEOUT, f"{host}:{port} after {timeout:g}s")
-        raise Refusal(Kind.BACKEND_UNREACHABLE, f"{host}:{port}: {failure.getErrorMessage()}")
-
     d = connecting.addCallback(connected)
     d.addTimeout(timeout, reactor)
-    return d.addErrback(explain)
+    return d.addErrback(explain_failure, host, port, timeout)
+
+
+def explain_failure(failure: Failure, host: str, port: int, timeout: float) -> Failure:
+    """A connector's failure as a Refusal: its own, timed out, or unreachable."""
+    if failure.check(Refusal):
+        return failure
+    # addTimeout cancels the connect; endpoints then fail with ConnectingCancelledError.
+    if failure.check(
+        defer.TimeoutError,
+        defer.CancelledError,
+        error.TimeoutError,
+        error.ConnectingCancelledError,
+    ):
+        raise Refusal(Kind.BACKEND_TIMEOUT, f"{host}:{port} after {timeout:g}s")
+    raise Refusal(Kind.BACKEND_UNREACHABLE, f"{host}:{port}: {failure.getErrorMessage()}")

@@ -24,13 +24,13 @@ from urllib.parse import quote
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from OpenSSL import SSL
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from consoled.backends.tcp import _endpoint, ssl_reason
+from consoled.backends.tcp import _endpoint, explain_failure, ssl_reason
 from consoled.backends.webmks import MksTicket, check_pin, peer_der, pinned_options
 from consoled.endings import Kind, Refusal
 from consoled.tokens import ConnectInfo
@@ -167,20 +167,6 @@ def connect_direct(
     factory.noisy = False
     endpoint = wrapClientTLS(pinned_options(), _endpoint(reactor, info.host, info.port, timeout))
 
-    def explain(failure: Failure) -> Failure:
-        if failure.check(Refusal):
-            return failure
-        if failure.check(
-            defer.TimeoutError,
-            defer.CancelledError,
-            error.TimeoutError,
-            error.ConnectingCancelledError,
-        ):
-            raise Refusal(Kind.BACKEND_TIMEOUT, f"{info.host}:{info.port} after {timeout:g}s")
-        raise Refusal(
-            Kind.BACKEND_UNREACHABLE, f"{info.host}:{info.port}: {failure.getErrorMessage()}"
-        )
-
     d = endpoint.connect(factory).addCallback(lambda client: client.ready)
     d.addTimeout(timeout, reactor)
-    return d.addErrback(explain)
+    return d.addErrback(explain_failure, info.host, info.port, timeout)
