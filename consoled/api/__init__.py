@@ -8,10 +8,12 @@ never on a public door, and off unless ``[consoled] api_key_hashes`` is set:
 - ``GET /metrics``: Prometheus text (``consoled.metrics``; no key);
 - ``/v2.1/…``: nova's shapes, with ``X-Auth-Token`` checked against
   ``api_key_hashes`` (SHA-256 hex digests; ``consoled-manage api-key
-  create``): 401 without it.  ``GET /v2.1`` (version discovery) and
-  ``GET /v2.1/os-console-auth-tokens/{token}`` (the look-up other proxies
-  use) and ``POST /v2.1/servers/{id}/remote-consoles`` (a driver finds the
-  console, the store mints the token: consoled/api/consoles.py) so far.
+  create``): 401 without it.  The routes are :data:`ROUTES`: nova's version
+  discovery, remote-consoles (consoled/api/consoles.py), the token look-up,
+  os-getConsoleOutput (consoled/api/console_log.py), and consoled's own
+  os-consoled-sessions, os-consoled-connections, os-consoled-tokens and a
+  token's touch;
+- ``GET /openapi.json``: the OpenAPI 3.1 document (consoled/api/openapi.py; no key).
 
 docs/api.md and docs/metrics.md have the calls and the metrics.
 """
