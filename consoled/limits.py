@@ -123,6 +123,11 @@ class PeerLimit(Factory):
         #: open connections per counted address
         self.open: dict[str, int] = {}
 
+    def logPrefix(self) -> str:
+        # The port's "… starting on N" line names the door's factory, not this one.
+        prefix: str = self.wrapped.logPrefix()
+        return prefix
+
     def doStart(self) -> None:
         self.wrapped.doStart()
 
