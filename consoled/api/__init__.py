@@ -342,7 +342,7 @@ class Authenticated(resource.Resource):
             return b""
 
         def done(count: int) -> bytes:
-            log.info("API: revoked {count} token(s) of an instance", count=count)
+            log.info("API: revoked {count} tokens of an instance", count=count)
             request.setResponseCode(204)
             return b""
 
