@@ -169,6 +169,7 @@ def load_options(
             certificate=crypto.X509.from_cryptography(chain[0]),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
             acceptableCiphers=ciphers,
+            enableSessionTickets=True,
             **_MINIMUM_VERSIONS[minimum_version],
         )
         # Builds the context now, so OpenSSL's own checks run here. Options

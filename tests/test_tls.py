@@ -34,6 +34,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -458,6 +459,31 @@ class ServingTests(ListenerMixin, TestCase):
         self.assertEqual(await plain.exchange(b"plain"), b"plain")
         self.assertEqual(await secure.exchange(b"secure"), b"secure")
         self.assertEqual((await secure.handshake)[0], fingerprint(SERVER_A[0]))
+
+    async def test_sessions_resume(self) -> None:
+        """A client that offers its last session (a browser's reconnect) resumes it:
+        no full handshake, on TLS 1.2 and 1.3 alike."""
+        port = self.listen(self.tls, ssl_only=True)
+
+        def reconnect(version: ssl.TLSVersion) -> tuple[bool, bool]:
+            context = ssl.create_default_context(cadata=_cert_pem(CA[0]).decode())
+            context.maximum_version = version
+            reused = []
+            session = None
+            for _ in range(2):
+                with (
+                    socket.create_connection((HOST, port), timeout=10) as raw,
+                    context.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+                ):
+                    tls.sendall(b"ping")
+                    tls.recv(4)  # TLS 1.3 tickets arrive after the handshake
+                    reused.append(tls.session_reused)
+                    session = tls.session
+            return reused[0], reused[1]
+
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            first, second = await deferToThread(reconnect, version)
+            self.assertEqual((first, second), (False, True), version)
 
     async def test_plain_only(self) -> None:
         """No TLS: the wrapped factory serves as it is."""
