@@ -104,9 +104,9 @@ class Pass:
         door: str,
         info: ConnectInfo,
         client_address: str,
+        connector: Connector,
         admission: Admission | None = None,
         seat: bool = False,
-        connector: Connector | None = None,
     ) -> None:
         self.info = info
         self.door = door
@@ -115,7 +115,8 @@ class Pass:
         self.admission = admission
         #: admitted read-only beside this proxy's writer of the same console
         self.seat = seat
-        self.connector: Connector = connector or Backends().connector_for(info)
+        #: how the session reaches its console (the gate's Backends chose it)
+        self.connector = connector
         self._sessions = sessions
         self._used = False
 
@@ -278,21 +279,21 @@ class Gate:
             trusted_proxies=self._trusted_proxies,
         )
         self._under_caps(info)
+        connector = self._backends.connector_for(info)
         if info.console_type not in LEASED_TYPES:
-            return Pass(
-                self._sessions, door, info, address, connector=self._backends.connector_for(info)
-            )
+            return Pass(self._sessions, door, info, address, connector)
 
         def seat(failure: Failure) -> Pass | Failure:
             # A held port: a seat beside its writer, where this proxy has one and allows it.
             busy = failure.check(Refusal) and failure.value.ending.kind is Kind.PORT_BUSY
             if busy and self._sessions.can_watch(info):
-                return Pass(self._sessions, door, info, address, seat=True)
+                return Pass(self._sessions, door, info, address, connector, seat=True)
             return failure
 
         leasing = self._sessions.admit(info, row_door(door), address)
         leasing.addCallbacks(
-            lambda admission: Pass(self._sessions, door, info, address, admission), seat
+            lambda admission: Pass(self._sessions, door, info, address, connector, admission),
+            seat,
         )
         return leasing
 

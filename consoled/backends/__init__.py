@@ -79,8 +79,3 @@ class Backends:
         if self.spice and info.console_type in SPICE_CONSOLE_TYPES and self.spice.wanted(info):
             return partial(connect_spice, self.spice)
         return xvp_connect if info.internal_access_path else plain_tcp
-
-
-def connector_for(info: ConnectInfo) -> Connector:
-    """The connector a token row asks for, with no configuration (tests, tools)."""
-    return Backends().connector_for(info)

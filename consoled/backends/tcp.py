@@ -176,14 +176,14 @@ class BackendProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         if not self.ready.called:
-            self.ready.errback(_lost_early(reason, self._connect_path, self._handshake))
+            self.ready.errback(_lost_early(reason, self._handshake))
         elif self._relay is not None:
             self._relay.backend_lost(reason.getErrorMessage())
         else:
             self._lost = reason  # ready but not relaying yet: relay_to() passes it on
 
 
-def _lost_early(reason: Failure, connect_path: str | None, handshake: Any) -> Refusal:
+def _lost_early(reason: Failure, handshake: Any) -> Refusal:
     """Why a console that closed before it was ready refused the session."""
     if reason.check(SSL.Error):
         return Refusal(Kind.BACKEND_TLS, ssl_reason(reason.value))
