@@ -28,6 +28,7 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from tests.hypervisors import listen
 from tests.pki import cert_pem, key_pem, make_cert
 
 BANNER = b"220 VMware Authentication Daemon Version 1.10: SSL Required, MKSDisplayProtocol:VNC\r\n"
@@ -240,17 +241,7 @@ def serve_authd(
     factory.ready = defer.Deferred()
     for name, value in script.items():
         setattr(factory, name, value)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    factory.port = port.getHost().port
-
-    def stop() -> defer.Deferred[Any]:
-        for each in factory.connections:
-            each.transport.abortConnection()
-        return defer.gatherResults(
-            [defer.maybeDeferred(port.stopListening)] + [c.lost for c in factory.connections]
-        )
-
-    testcase.addCleanup(stop)
+    listen(testcase, factory, factory.connections)
     return factory
 
 

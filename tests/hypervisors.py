@@ -100,18 +100,24 @@ def serve(testcase: TestCase, protocol: type[Hypervisor], **attributes: Any) -> 
     factory.first = defer.Deferred()
     for name, value in attributes.items():
         setattr(factory, name, value)
+    listen(testcase, factory, factory.connected)
+    return factory
+
+
+def listen(testcase: TestCase, factory: Any, connections: list[Any]) -> None:
+    """Listen on 127.0.0.1, a free port (``factory.port``); at cleanup, stop
+    listening and abort ``connections`` (protocols with a ``lost`` Deferred)."""
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     factory.port = port.getHost().port
 
     def stop() -> defer.Deferred[Any]:
-        for each in factory.connected:
+        for each in connections:
             each.transport.abortConnection()
         return defer.gatherResults(
-            [defer.maybeDeferred(port.stopListening)] + [c.lost for c in factory.connected]
+            [defer.maybeDeferred(port.stopListening)] + [c.lost for c in connections]
         )
 
     testcase.addCleanup(stop)
-    return factory
 
 
 def closed_port() -> int:

@@ -32,7 +32,7 @@ from tests import hypervisors
 from tests.daemon import CHECKOUT, ENV, Twistd, start_consoled_on_free_ports
 from tests.databases import fresh_database
 from tests.peers import free_port, require_executable
-from tests.test_two_proxies import _hang_up, _later
+from tests.test_two_proxies import _hang_up, _later, proxy_config
 from tests.wsclient import StreamClient, upgrade_request
 
 log = Logger()
@@ -89,19 +89,10 @@ class HAProxyTests(TestCase):
 
     @defer.inlineCallbacks
     def start_proxy(self, name: str, url: str) -> Any:
+        extra = f"proxy_protocol = novnc, serial\ntrusted_proxies = {HAPROXY}\n"
+
         def config_text(ports: list[int]) -> str:
-            novnc_port, serial_port = ports
-            return (
-                f"[database]\nconnection = {url}\n"
-                f"[vnc]\nnovncproxy_host = 127.0.0.1\nnovncproxy_port = {novnc_port}\n"
-                "[serial_console]\nenabled = true\nserialproxy_host = 127.0.0.1\n"
-                f"serialproxy_port = {serial_port}\n"
-                f"[consoled]\nproxy_name = {name}\nxvp_enabled = false\n"
-                "proxy_protocol = novnc, serial\n"
-                f"trusted_proxies = {HAPROXY}\n"
-                f"touch_interval = {TOUCH_INTERVAL}\nlease_seconds = {LEASE_SECONDS}\n"
-                "token_clean_interval = 3600\n"
-            )
+            return proxy_config(url, name, ports, extra, TOUCH_INTERVAL, LEASE_SECONDS)
 
         process, _, (novnc_port, serial_port) = yield start_consoled_on_free_ports(
             self, 2, config_text

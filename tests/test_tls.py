@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import ipaddress
 import os
 import signal
 import socket
@@ -21,9 +20,7 @@ import ssl
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 from twisted.internet import reactor, threads
 from twisted.internet.address import IPv4Address
@@ -56,6 +53,7 @@ from consoled.tls import (
 from tests import hypervisors
 from tests.harness import Consoled, test_settings
 from tests.peers import require_executable
+from tests.pki import cert_pem, key_pem, make_cert
 from tests.wsclient import ws_connect
 from tests.xvpclient import java_request
 
@@ -66,46 +64,11 @@ _DAY = datetime.timedelta(days=1)
 # --- certificates ------------------------------------------------------------
 
 
-def _make_cert(
-    name: str, issuer: tuple[x509.Certificate, Any] | None, *, ca: bool
-) -> tuple[x509.Certificate, Any]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, signing_key = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _DAY)
-        .not_valid_after(now + _DAY)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return builder.sign(signing_key, hashes.SHA256()), key
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: Any) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-CA = _make_cert("consoled test CA", None, ca=True)
-INTERMEDIATE = _make_cert("consoled test intermediate", CA, ca=True)
-SERVER_A = _make_cert("localhost", CA, ca=False)
-SERVER_B = _make_cert("localhost", CA, ca=False)
-SERVER_VIA_INTERMEDIATE = _make_cert("localhost", INTERMEDIATE, ca=False)
+CA = make_cert("consoled test CA", None, ca=True)
+INTERMEDIATE = make_cert("consoled test intermediate", CA, ca=True)
+SERVER_A = make_cert("localhost", CA, ca=False)
+SERVER_B = make_cert("localhost", CA, ca=False)
+SERVER_VIA_INTERMEDIATE = make_cert("localhost", INTERMEDIATE, ca=False)
 
 
 def fingerprint(cert: x509.Certificate) -> bytes:
@@ -126,8 +89,8 @@ def write_pair(
 ) -> tuple[str, str]:
     """Write pair's certificate and key to two files (over the ones at `at`)."""
     cert_path, key_path = at or (None, None)
-    return write(testcase, _cert_pem(pair[0]), cert_path), write(
-        testcase, _key_pem(pair[1]), key_path
+    return write(testcase, cert_pem(pair[0]), cert_path), write(
+        testcase, key_pem(pair[1]), key_path
     )
 
 
@@ -257,7 +220,7 @@ def trusting_ca(alpn: tuple[bytes, ...] = ()) -> Any:
     """Twisted client options trusting the test CA, offering alpn (if any) over ALPN."""
     return optionsForClientTLS(
         "localhost",
-        trustRoot=Certificate.loadPEM(_cert_pem(CA[0])),
+        trustRoot=Certificate.loadPEM(cert_pem(CA[0])),
         acceptableProtocols=list(alpn) or None,
     )
 
@@ -270,7 +233,7 @@ def stdlib_exchange(
 ) -> tuple[str | None, bytes]:
     """Python's ssl, blocking (run it in a thread): offer alpn, send request, read
     until `until` arrives or the server closes; return (selected ALPN, bytes read)."""
-    context = ssl.create_default_context(cadata=_cert_pem(CA[0]).decode())
+    context = ssl.create_default_context(cadata=cert_pem(CA[0]).decode())
     context.set_alpn_protocols(alpn)
     with (
         socket.create_connection((HOST, port), timeout=10) as raw,
@@ -309,7 +272,7 @@ def s_client(
     openssl = require_executable(testcase, "openssl", "apt-get install -y openssl")
     ended: Deferred[tuple[bytes, int | None]] = Deferred()
     argv = [openssl, "s_client", "-connect", f"{HOST}:{port}", "-servername", "localhost"]
-    argv += ["-alpn", alpn, "-ign_eof", "-CAfile", write(testcase, _cert_pem(CA[0]))]
+    argv += ["-alpn", alpn, "-ign_eof", "-CAfile", write(testcase, cert_pem(CA[0]))]
     process = reactor.spawnProcess(_Output(ended, stdin), openssl, argv, env={})
     killer = reactor.callLater(15, process.signalProcess, "KILL")
     return ended.addBoth(lambda result: (killer.active() and killer.cancel(), result)[1])
@@ -373,7 +336,7 @@ class StartupTests(SynchronousTestCase):
 
     def test_oversized_file_refused(self) -> None:
         """A certificate file over MAX_PEM_BYTES is refused without parsing it."""
-        cert = write(self, _cert_pem(SERVER_A[0]) + b"\n" * MAX_PEM_BYTES)
+        cert = write(self, cert_pem(SERVER_A[0]) + b"\n" * MAX_PEM_BYTES)
         e = self.assertRaises(TLSError, ReloadableServerTLS, cert)
         self.assertIn(f"{cert}: larger than", str(e))
 
@@ -466,7 +429,7 @@ class ServingTests(ListenerMixin, TestCase):
         port = self.listen(self.tls, ssl_only=True)
 
         def reconnect(version: ssl.TLSVersion) -> tuple[bool, bool]:
-            context = ssl.create_default_context(cadata=_cert_pem(CA[0]).decode())
+            context = ssl.create_default_context(cadata=cert_pem(CA[0]).decode())
             context.maximum_version = version
             reused = []
             session = None
@@ -527,7 +490,7 @@ class ServingTests(ListenerMixin, TestCase):
     async def test_key_and_chain_in_cert_file(self) -> None:
         """key unset: a cert file with leaf, intermediate and key serves a CA-trusting client."""
         leaf, key = SERVER_VIA_INTERMEDIATE
-        cert = write(self, _cert_pem(leaf) + _cert_pem(INTERMEDIATE[0]) + _key_pem(key))
+        cert = write(self, cert_pem(leaf) + cert_pem(INTERMEDIATE[0]) + key_pem(key))
         port = self.listen(ReloadableServerTLS(cert), ssl_only=True)
         client = await self.connect(port, trusting_ca())
         self.assertEqual(await client.exchange(b"chain"), b"chain")

@@ -41,6 +41,27 @@ class Proxy:
     process: Twistd
 
 
+def proxy_config(
+    url: str,
+    name: str,
+    ports: list[int],
+    extra: str = "",
+    touch_interval: float = TOUCH_INTERVAL,
+    lease_seconds: float = LEASE_SECONDS,
+) -> str:
+    """One proxy of the pair: its noVNC and serial doors on ``ports``, the shared database."""
+    novnc_port, serial_port = ports
+    return (
+        f"[database]\nconnection = {url}\n"
+        f"[vnc]\nnovncproxy_host = 127.0.0.1\nnovncproxy_port = {novnc_port}\n"
+        "[serial_console]\nenabled = true\nserialproxy_host = 127.0.0.1\n"
+        f"serialproxy_port = {serial_port}\n"
+        f"[consoled]\nproxy_name = {name}\nxvp_enabled = false\n"
+        f"touch_interval = {touch_interval}\nlease_seconds = {lease_seconds}\n"
+        "token_clean_interval = 3600\n" + extra
+    )
+
+
 def _later(seconds: float) -> defer.Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 
@@ -74,19 +95,9 @@ class TwoProxiesMixin:
     def start_proxy(self, name: str, url: str) -> Any:
         """Start proxy ``name`` on ports of its own (new ones if another process took one)."""
 
-        def config_text(ports: list[int]) -> str:
-            novnc_port, serial_port = ports
-            return (
-                f"[database]\nconnection = {url}\n"
-                f"[vnc]\nnovncproxy_host = 127.0.0.1\nnovncproxy_port = {novnc_port}\n"
-                "[serial_console]\nenabled = true\nserialproxy_host = 127.0.0.1\n"
-                f"serialproxy_port = {serial_port}\n"
-                f"[consoled]\nproxy_name = {name}\nxvp_enabled = false\n"
-                f"touch_interval = {TOUCH_INTERVAL}\nlease_seconds = {LEASE_SECONDS}\n"
-                "token_clean_interval = 3600\n"
-            )
-
-        process, config, (_, serial_port) = yield start_consoled_on_free_ports(self, 2, config_text)
+        process, config, (_, serial_port) = yield start_consoled_on_free_ports(
+            self, 2, lambda ports: proxy_config(url, name, ports)
+        )
         return Proxy(name, config, serial_port, process)
 
     @defer.inlineCallbacks
