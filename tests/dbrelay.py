@@ -138,13 +138,6 @@ class DatabaseRelay(protocol.Factory):
             else:
                 each.dial()
 
-    @defer.inlineCallbacks
     def stop(self) -> Any:
-        self.mode = "refuse"
-        for each in list(self.connections):
-            each.transport.abortConnection()
-            if each.server is not None:
-                each.server.transport.abortConnection()
-        if self._listening is not None:
-            yield self._listening.stopListening()
-            self._listening = None
+        """At a test's end: as a refusal, every connection cut and the port closed."""
+        return self.refuse()
