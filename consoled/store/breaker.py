@@ -74,6 +74,15 @@ def brief_error(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0].strip()[:160]}" if lines else type(cause).__name__
 
 
+class _Call:
+    """One call on the pool: when its thread started it (None while it waits)."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+
+
 class Breaker:
     """A :class:`Runner` in front of the store's runner that fails fast while the database is down."""
 
@@ -93,6 +102,9 @@ class Breaker:
         self.slow = slow
         self.probe_every = probe_every
         self.max_kept = max_kept
+        #: calls on the pool now, each stamped by its thread when it starts
+        self._in_flight: set[_Call] = set()
+        self._watchdog: IDelayedCall | None = None
         self.up = True
         #: when the store was last found up (start, or the end of an outage)
         self.up_since = clock.seconds()
@@ -115,8 +127,9 @@ class Breaker:
 
     def stop(self) -> defer.Deferred[None]:
         self._stopping = True
-        if self._probe_call is not None and self._probe_call.active():
-            self._probe_call.cancel()
+        for timer in (self._probe_call, self._watchdog):
+            if timer is not None and timer.active():
+                timer.cancel()
         if self._kept:
             log.warn(
                 "stopping with the database down ({cause}): {count} kept write(s) not written",
@@ -188,34 +201,43 @@ class Breaker:
 
     def _watched(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         """Run ``f`` on the pool; too slow once it *runs* (not while it waits
-        for a thread: a busy pool is not an outage) trips the breaker."""
-        timers: list[IDelayedCall] = []
-        finished = [False]
+        for a thread: a busy pool is not an outage) trips the breaker.
 
-        def arm() -> None:
-            if not finished[0]:
-                timers.append(self._clock.callLater(self.slow, self._trip, None))
+        The database thread stamps when the call starts (reading the clock
+        is thread-safe); one watchdog on the reactor looks at the stamps of
+        the calls in flight, so a call costs no extra hop to the reactor.
+        """
+        call = _Call()
 
         def started(*a: Any, **kw: Any) -> T:
-            # On the database thread: the clock starts now, on the reactor.
-            from_thread = getattr(self._clock, "callFromThread", None)
-            if from_thread is not None:
-                from_thread(arm)
+            call.started = self._clock.seconds()
             return f(*a, **kw)
 
-        if getattr(self._clock, "callFromThread", None) is None:
-            arm()  # a test clock and an inline runner: from the call on
+        self._in_flight.add(call)
+        self._watch()
 
         def done(result: Any) -> Any:
-            finished[0] = True
-            for timer in timers:
-                if timer.active():
-                    timer.cancel()
+            self._in_flight.discard(call)
+            if not self._in_flight and self._watchdog is not None and self._watchdog.active():
+                self._watchdog.cancel()  # nothing left to watch: no timer left behind
             if isinstance(result, Failure) and is_outage(result):
                 self._trip(result)
             return result
 
         return self._runner.run(started, *args, **kwargs).addBoth(done)
+
+    def _watch(self) -> None:
+        if self._watchdog is None or not self._watchdog.active():
+            self._watchdog = self._clock.callLater(self.slow / 4, self._look)
+
+    def _look(self) -> None:
+        """The watchdog: trip on a call running longer than ``slow``; again while any is in flight."""
+        self._watchdog = None
+        now = self._clock.seconds()
+        if any(c.started is not None and now - c.started >= self.slow for c in self._in_flight):
+            self._trip(None)
+        if self._in_flight and self.up:
+            self._watch()
 
     def _trip(self, failure: Failure | None) -> None:
         if not self.up:
