@@ -1,0 +1,198 @@
+"""The server TLS data path (`consoled.tls.ServerTLSProtocol`), driven in memory.
+
+A pyOpenSSL client on memory BIOs talks to the doors' TLS protocol over a
+`StringTransport`: every byte each way is shuttled by the test, so the
+number of writes and deliveries is exact.  What is checked is what the path
+exists for (issue 16): one application write is one write to the TCP
+transport whatever its size, the records of one read reach the door in one
+call, and nothing is lost or reordered on the way, on TLS 1.2 and 1.3, before
+and after the handshake, and at a close_notify.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from consoled.tls import ReloadableServerTLS, ServerTLSFactory, ServerTLSProtocol
+from tests.pki import cert_pem, key_pem, make_cert
+
+CA = make_cert("consoled test CA", None, ca=True)
+SERVER = make_cert("localhost", CA, ca=False)
+
+
+class Door(Protocol):
+    """Records each delivery and its end."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[bytes] = []
+        self.reason: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.deliveries.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.reason = reason
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport that counts the writes it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+class Pair:
+    """A doors' TLS protocol and a pyOpenSSL client, joined by the test."""
+
+    def __init__(self, testcase: SynchronousTestCase, version: int, handshake: bool = True) -> None:
+        cert = testcase.mktemp()
+        key = testcase.mktemp()
+        with open(cert, "wb") as f:
+            f.write(cert_pem(SERVER[0]))
+        with open(key, "wb") as f:
+            f.write(key_pem(SERVER[1]))
+        self.door = Door()
+        factory = ServerTLSFactory(ReloadableServerTLS(cert, key), Factory.forProtocol(Door))
+        self.server = factory.buildProtocol(None)
+        assert isinstance(self.server, ServerTLSProtocol)
+        self.server.wrappedProtocol = self.door
+        self.door.makeConnection(self.server)
+        self.wire = CountingTransport()
+        self.server.makeConnection(self.wire)
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(version)
+        context.set_max_proto_version(version)
+        self.client = SSL.Connection(context, None)
+        self.client.set_connect_state()
+        if handshake:
+            self.shuttle()
+
+    def to_client(self) -> None:
+        data = self.wire.value()
+        self.wire.clear()
+        if data:
+            self.client.bio_write(data)
+
+    def from_client(self) -> bytes:
+        try:
+            return self.client.bio_read(1 << 22)
+        except SSL.WantReadError:
+            return b""
+
+    def shuttle(self) -> None:
+        """Run the handshake to its end, both ways."""
+        for _ in range(10):
+            try:
+                self.client.do_handshake()
+            except SSL.WantReadError:
+                pass
+            out = self.from_client()
+            if out:
+                self.server.dataReceived(out)
+            self.to_client()
+            if self.server._handshakeDone and not out:
+                try:
+                    self.client.do_handshake()
+                    return
+                except SSL.WantReadError:
+                    pass
+        raise AssertionError("the handshake did not finish")
+
+    def client_reads(self) -> bytes:
+        self.to_client()
+        received = b""
+        while True:
+            try:
+                received += self.client.recv(65536)
+            except SSL.WantReadError:
+                return received
+
+
+class ServerTLSPathTests(SynchronousTestCase):
+    versions = {"TLS 1.2": SSL.TLS1_2_VERSION, "TLS 1.3": SSL.TLS1_3_VERSION}
+
+    def each_version(self) -> Any:
+        for name, version in self.versions.items():
+            yield name, Pair(self, version)
+
+    def test_a_large_write_is_one_transport_write(self) -> None:
+        """256 KiB written by the door reaches the TCP transport as one write
+        (Twisted's own TLS transport makes one per 16 KiB record), intact."""
+        for name, pair in self.each_version():
+            payload = os.urandom(256 * 1024)
+            pair.wire.writes = 0
+            pair.server.write(payload)
+            self.assertEqual(pair.wire.writes, 1, name)
+            self.assertEqual(pair.client_reads(), payload, name)
+
+    def test_a_frame_header_and_payload_are_one_write(self) -> None:
+        """writeSequence (the websocket frame's header and payload) is one write too."""
+        for name, pair in self.each_version():
+            pair.wire.writes = 0
+            pair.server.writeSequence([b"\x82\x7e\x10\x00", b"x" * 4096])
+            self.assertEqual(pair.wire.writes, 1, name)
+            self.assertEqual(pair.client_reads(), b"\x82\x7e\x10\x00" + b"x" * 4096, name)
+
+    def test_records_of_one_read_are_one_delivery(self) -> None:
+        """Five records arriving together reach the door in one call, in order."""
+        for name, pair in self.each_version():
+            pieces = [os.urandom(16384) for _ in range(4)] + [b"tail"]
+            for piece in pieces:
+                pair.client.sendall(piece)
+            before = len(pair.door.deliveries)
+            pair.server.dataReceived(pair.from_client())
+            self.assertEqual(pair.door.deliveries[before:], [b"".join(pieces)], name)
+
+    def test_a_record_split_across_reads(self) -> None:
+        """A record cut anywhere is held until it is whole; nothing is delivered early."""
+        for name, pair in self.each_version():
+            pair.client.sendall(b"hello, console")
+            wire = pair.from_client()
+            before = len(pair.door.deliveries)
+            for i in range(len(wire)):
+                pair.server.dataReceived(wire[i : i + 1])
+            self.assertEqual(b"".join(pair.door.deliveries[before:]), b"hello, console", name)
+
+    def test_writes_before_the_handshake_wait_for_it(self) -> None:
+        """A write made while the handshake runs is sent once it is done, in order."""
+        pair = Pair(self, SSL.TLS1_3_VERSION, handshake=False)
+        pair.server.write(b"first")
+        pair.shuttle()
+        pair.server.write(b" second")
+        self.assertEqual(pair.client_reads(), b"first second")
+
+    def test_close_notify_delivers_what_came_before_it(self) -> None:
+        """Data and the client's close_notify in one read: the data first, then the end."""
+        for name, pair in self.each_version():
+            pair.client.sendall(b"last words")
+            pair.client.shutdown()
+            before = len(pair.door.deliveries)
+            pair.server.dataReceived(pair.from_client())
+            self.assertEqual(pair.door.deliveries[before:], [b"last words"], name)
+            self.assertTrue(pair.wire.disconnecting, name)
+
+    def test_idle_connections_release_their_buffers(self) -> None:
+        """The doors' context frees record buffers while idle (memory per session)
+        and refuses renegotiation (a write never waits for the client)."""
+        cert, key = self.mktemp(), self.mktemp()
+        with open(cert, "wb") as f:
+            f.write(cert_pem(SERVER[0]))
+        with open(key, "wb") as f:
+            f.write(key_pem(SERVER[1]))
+        context = ReloadableServerTLS(cert, key).getContext()
+        mode = SSL.MODE_RELEASE_BUFFERS
+        self.assertEqual(context.set_mode(0) & mode, mode)  # set_mode answers the mode
+        renegotiation = SSL.OP_NO_RENEGOTIATION
+        self.assertEqual(context.set_options(0) & renegotiation, renegotiation)
