@@ -13,7 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import client
-from peers import Target, cpu_ns, cpu_seconds, fd_limit, listen_drops, machine_jiffies, pss_kib
+from peers import (
+    Target,
+    cpu_ns,
+    cpu_seconds,
+    fd_limit,
+    listen_drops,
+    machine_jiffies,
+    process_tree,
+    pss_kib,
+    socket_fds,
+)
 from swarm import Opened, close_all, drain, open_sessions
 
 MB = 1_000_000
@@ -38,6 +48,9 @@ class Settings:
     #: the workers step: this many sessions at once, each this long
     streams: int = 4
     spring_bytes: int = 1 << 30
+    #: the big step: consoled with this many workers opens and holds this many sessions
+    big_workers: int = 2
+    big_sessions: int = 10_000
     repetitions: int = 3
 
 
@@ -52,6 +65,7 @@ QUICK = Settings(
     cpu_sessions=100,
     cpu_seconds=5.0,
     spring_bytes=256 << 20,
+    big_sessions=1000,  # the big step runs in a quick run only when --only names it
     repetitions=1,
 )
 
@@ -93,6 +107,19 @@ METRICS = [
     Metric("mem_processes", "  processes while holding", 0),
     Metric("mem_big_total_mib", "PSS MiB total, big hold (consoled)", -1),
     Metric("mem_big_kib_per_session", "  KiB per session, big hold", -1),
+    Metric("big_setup_rate", "big hold, 2 workers: set-up sessions/s", +1),
+    Metric("big_setup_p50_ms", "  set-up p50 ms", -1, 1),
+    Metric("big_setup_p99_ms", "  set-up p99 ms", -1, 1),
+    Metric("big_client_cpu", "  client CPU % (set-up)", 0),
+    Metric("big_listen_drops", "  SYNs dropped, accept queue full", -1),
+    Metric("big_failures", "  failed set-ups", -1),
+    Metric("big_held", "  sessions open at once (client)", +1),
+    Metric("big_proxy_sessions", "  sessions the workers hold (sockets / 2)", +1),
+    Metric("big_closed", "  closed during 1 s read of all", -1),
+    Metric("big_total_mib", "  PSS MiB total, process tree", -1),
+    Metric("big_kib_per_session", "  PSS KiB per session (− idle)", -1, 1),
+    Metric("big_baseline_mib", "  idle PSS MiB", -1, 1),
+    Metric("big_processes", "  processes", 0),
     Metric("streams_1w_mbps", "4 streams at once, 1 worker, MB/s", +1),
     Metric("streams_2w_mbps", "4 streams at once, 2 workers, MB/s", +1),
     Metric("streams_1w_machine", "  machine CPU %, 1 worker (all processes)", 0),
@@ -287,6 +314,55 @@ def cpu(target: Target, s: Settings) -> Measured:
         close_all(opened.held)
 
 
+def big_hold(target: Target, s: Settings) -> Measured:
+    """``s.big_sessions`` opened with ``s.parallel`` in flight and all held at once.
+
+    The set-up figures are over all of them; then every held session is read
+    for 1 s (none may close) and the proxy tree's PSS and sockets are summed.
+    """
+    assert target.pid is not None
+    open_sessions(target, 20, 1)  # warm-up; SO_REUSEPORT spreads them over the workers
+    time.sleep(0.5)
+    baseline = pss_kib(target.pids())
+    idle_sockets = {pid: socket_fds(pid) for pid in process_tree(target.pid)}
+    cpu, drops = _cpu_now(), listen_drops()
+    opened = open_sessions(target, s.big_sessions, s.parallel, hold=True)
+    client_cpu = _cpu_now() - cpu
+    try:
+        _checked(opened, s.big_sessions)
+        drops = listen_drops() - drops
+        _, closed = drain(opened.held, 1.0)  # are they all still open?
+        loaded = pss_kib(target.pids())
+        pids = process_tree(target.pid)
+        # each session is two sockets in its worker: the client's and the backend's
+        per_worker = [(socket_fds(pid) - idle_sockets.get(pid, 0)) / 2 for pid in pids]
+        held = len(opened.held)
+        failed = sum(opened.failures.values())
+        measured: Measured = {
+            "big_setup_rate": len(opened.seconds) / opened.wall,
+            "big_setup_p50_ms": percentile(opened.seconds, 50) * 1e3,
+            "big_setup_p99_ms": percentile(opened.seconds, 99) * 1e3,
+            "big_client_cpu": 100 * client_cpu / opened.wall,
+            "big_listen_drops": drops,
+            "big_failures": failed,
+            "big_held": held - closed,
+            "big_proxy_sessions": sum(per_worker),
+            "big_closed": closed,
+            "big_total_mib": loaded / 1024,
+            "big_kib_per_session": (loaded - baseline) / held,
+            "big_baseline_mib": baseline / 1024,
+            "big_processes": len(pids),
+            "split": "sessions per process (sockets / 2 over idle): "
+            + " + ".join(f"{n:,.0f}" for n in per_worker),
+        }
+        if failed:
+            why = ", ".join(f"{count}× {reason}" for reason, count in opened.failures.items())
+            measured["failures"] = f"{why} (proxy fd limit {fd_limit(target.pid)})"
+        return measured
+    finally:
+        close_all(opened.held)
+
+
 def parallel_streams(target: Target, s: Settings) -> Measured:
     """Aggregate MB/s of ``s.streams`` sessions streaming at once, each read by its own process."""
     with multiprocessing.get_context("fork").Pool(s.streams) as pool:
@@ -317,13 +393,15 @@ class Step:
     same_core: bool = False
     #: run against the TLS targets too (``consoled+rsa``, ...)
     tls: bool = True
+    #: run against consoled on the other stores too (``consoled@pg``)
+    stores: bool = False
 
 
 STEPS = [
     Step("throughput", "source", downstream, one_console=True),
     Step("throughput", "sink", upstream, one_console=True),
     Step("latency", "echo", latency, same_core=True, one_console=True),
-    Step("setup", "greeter", setup, one_console=True),
+    Step("setup", "greeter", setup, one_console=True, stores=True),
     Step("memory", "greeter", memory, direct=False),
     Step("memory", "greeter", memory_big, direct=False, only_consoled=True, tls=False),
     Step("cpu", "trickle", cpu, direct=False, tls=False),

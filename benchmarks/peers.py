@@ -34,6 +34,12 @@ PROXIES = ("consoled", "websockify", "websocat")
 CERTIFICATES = ("rsa", "ec")
 #: what a TLS target's name ends with: "consoled+rsa", "direct+ec"
 TLS_SEPARATOR = "+"
+#: what a consoled target on another store than SQLite ends with: "consoled@pg"
+STORE_SEPARATOR = "@"
+#: the stores consoled can run on here, and the suffix of their targets' names
+STORES = {"sqlite": None, "postgresql": "pg"}
+#: a dedicated database, dropped and created afresh at the start of each run
+POSTGRESQL_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/consoled_bench"
 #: Long enough for a full run: one token serves every session of a run.
 TOKEN_TTL = 6 * 3600
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -150,8 +156,10 @@ def listen_drops() -> int:
     return 0
 
 
-def listening(port: int) -> bool:
+def listeners(port: int) -> int:
+    """Listening sockets on ``port``: one per consoled worker (``SO_REUSEPORT``)."""
     wanted = f":{port:04X}"
+    count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -160,8 +168,27 @@ def listening(port: int) -> bool:
         for line in lines:
             parts = line.split()
             if parts[1].endswith(wanted) and parts[3] == "0A":
-                return True
-    return False
+                count += 1
+    return count
+
+
+def listening(port: int) -> bool:
+    return listeners(port) > 0
+
+
+def socket_fds(pid: int) -> int:
+    """How many of the process's file descriptors are sockets."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    count = 0
+    for name in names:
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:")
+        except OSError:
+            pass  # closed meanwhile
+    return count
 
 
 def free_port() -> int:
@@ -235,14 +262,17 @@ def _end_group(process: subprocess.Popen[bytes]) -> None:
 
 
 def wait_listening(
-    port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 30
+    port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 30, count: int = 1
 ) -> None:
+    """Until ``count`` sockets listen on ``port`` (one per worker of a consoled)."""
     deadline = time.monotonic() + timeout
-    while not listening(port):
+    while listeners(port) < count:
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited with {process.returncode} before listening")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not listen on {port} within {timeout:g}s")
+            raise RuntimeError(
+                f"{what} did not listen on {port} {count} time(s) within {timeout:g}s"
+            )
         time.sleep(0.02)
 
 
@@ -357,6 +387,12 @@ def split_tls(name: str) -> tuple[str, str | None]:
     return base, kind or None
 
 
+def split_store(name: str) -> tuple[str, str | None]:
+    """``consoled@pg`` -> (``consoled``, ``pg``); any other name -> (name, None)."""
+    base, _, store = name.partition(STORE_SEPARATOR)
+    return base, store or None
+
+
 # -- the proxies --------------------------------------------------------------
 
 
@@ -386,17 +422,51 @@ def websocat_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("websocat")
 
 
-class ConsoledSetup:
-    """consoled's database (upgraded once) and a token per backend port."""
+def fresh_postgresql(url: str = POSTGRESQL_URL) -> str:
+    """Drop and create the database ``url`` names; return the server's version.
 
-    def __init__(self, workdir: Path) -> None:
+    Through the server's ``postgres`` database; raises when the server cannot
+    be reached (the caller skips the PostgreSQL column).
+    """
+    sys.path.insert(0, str(CHECKOUT))
+    import sqlalchemy as sa
+
+    from consoled.store.engine import normalise_url
+
+    parsed = normalise_url(url)
+    name = parsed.database
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"{url}: name a plain database to drop and create")
+    admin = sa.create_engine(
+        parsed.set(database="postgres"),
+        isolation_level="AUTOCOMMIT",
+        connect_args={"connect_timeout": 5},
+        poolclass=sa.NullPool,
+    )
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+            return str(connection.execute(sa.text("SHOW server_version")).scalar()).split()[0]
+    finally:
+        admin.dispose()
+
+
+class ConsoledSetup:
+    """consoled's database (upgraded once) and a token per backend port.
+
+    SQLite in ``workdir`` by default; ``url`` names another database (which
+    must exist: :func:`fresh_postgresql` makes PostgreSQL's).
+    """
+
+    def __init__(self, workdir: Path, url: str | None = None) -> None:
         sys.path.insert(0, str(CHECKOUT))
         from consoled.store import Store, schema
         from consoled.store.engine import make_engine
         from consoled.store.runner import InlineRunner
 
         self.workdir = workdir
-        self.url = f"sqlite:///{workdir / 'consoled.sqlite'}"
+        self.url = url or f"sqlite:///{workdir / 'consoled.sqlite'}"
         engine = make_engine(self.url)
         schema.upgrade(engine)
         self.store = Store(engine, InlineRunner(), _WallClock())
@@ -511,12 +581,14 @@ def proxy(
     if name == "direct":
         yield Target("direct", backend_port, websocket=False)
         return
+    # consoled@pg: the websocket door with ``consoled`` on that store
+    door, _ = split_store(name)
     port = free_port()
     path = "/"
     env: dict[str, str] = {}
     backend = f"127.0.0.1:{backend_port}"
     websocket, preamble = True, ()
-    if name.startswith("consoled"):
+    if door.startswith("consoled"):
         path = f"/?token={consoled.token(backend_port)}"
         if name == "consoled-xvp":  # exactly what the Java viewer sends
             connect = f"CONNECT /console?token={consoled.token(backend_port)} HTTP/1.0\r\n\r\n"
@@ -528,12 +600,12 @@ def proxy(
                 ("send", line),
                 ("expect", b"? for help)\r\n", b"\r\nconnected"),
             )
-        websocket = name == "consoled"
+        websocket = door == "consoled"
         run = "from twisted.scripts.twistd import run; run()"
         argv = [sys.executable, "-c", run, "-n", "--pidfile="]
         if profile is not None:
             argv += ["--profile", str(profile), "--profiler", "cprofile", "--savestats"]
-        argv += ["consoled", "--config-file", str(consoled.config(port, name, workers))]
+        argv += ["consoled", "--config-file", str(consoled.config(port, door, workers))]
         env["PYTHONPATH"] = str(CHECKOUT)
     elif name == "bare-python":
         argv = [sys.executable, str(Path(__file__).with_name("bare_relay.py")), str(port)]
@@ -549,8 +621,10 @@ def proxy(
     else:
         raise ValueError(name)
     argv = [*wrapper, *argv]
+    # every worker of a consoled listens on the port itself (SO_REUSEPORT)
+    listens = workers if door.startswith("consoled") else 1
     with running(argv, workdir / f"{name}.log", cpus=cpus, env=env, cwd=workdir) as process:
-        wait_listening(port, process, name, start_timeout)
+        wait_listening(port, process, name, start_timeout, listens)
         yield Target(name, port, path, websocket=websocket, pid=process.pid, preamble=preamble)
 
 

