@@ -243,6 +243,29 @@ class ThreadRunnerTests(TestCase):
         self.assertTrue(last.called)
 
 
+class StoreThreadsTests(SynchronousTestCase):
+    """How many database threads open_store gives the daemon's store."""
+
+    def threads(self, url: str) -> int:
+        from consoled.store import open_store
+
+        store, _ = open_store(url, reactor, threads=4)
+        self.addCleanup(store.engine.dispose)
+        runner = store._runner._runner  # the breaker's ThreadRunner
+        assert isinstance(runner, ThreadRunner)
+        return runner._size
+
+    def test_sqlite_gets_one_writer_thread(self) -> None:
+        """SQLite: one thread, whatever db_threads says (a second only waits
+        in SQLite's busy handler; under a storm that tripped the breaker)."""
+        self.assertEqual(self.threads(f"sqlite:///{self.mktemp()}.sqlite"), 1)
+
+    def test_servers_get_db_threads(self) -> None:
+        """PostgreSQL and MariaDB get db_threads (no connection is made here)."""
+        self.assertEqual(self.threads("postgresql://nobody@127.0.0.1:1/none"), 4)
+        self.assertEqual(self.threads("mysql+pymysql://nobody@127.0.0.1:1/none"), 4)
+
+
 class LeaseTestsMixin:
     """The serial port lease on every backend."""
 

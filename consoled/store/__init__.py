@@ -79,11 +79,18 @@ def open_store(
     and reports a database that is down in its own one line.
     """
     from consoled.store.breaker import Breaker
-    from consoled.store.engine import default_url, make_engine, ping
+    from consoled.store.engine import default_url, make_engine, normalise_url, ping
     from consoled.store.runner import ThreadRunner
 
     embedded = connection is None
     url = default_url(state_path) if embedded else connection
+    if normalise_url(url).get_backend_name() == "sqlite":
+        # SQLite has one writer at a time: a second thread only waits in
+        # SQLite's busy handler (sleeps of up to 100 ms) while the first,
+        # holding the write lock, waits for the GIL behind a busy reactor.
+        # Under a reconnect storm such waits passed the breaker's 0.8 s and
+        # refused users with 503 (issue 16); one thread never waits on itself.
+        threads = 1
     engine = make_engine(url, pool_size=threads, recycle=recycle)
     # The breaker: fail fast while the database is down, keep session writes.
     runner: Any = ThreadRunner(reactor, threads)
