@@ -33,6 +33,7 @@ from consoled.listeners import (
     websocket_doors,
     xvp_doors,
 )
+from consoled.logs import speed_up_text_logs
 from consoled.metrics import Metrics
 from consoled.reactor import install as install_reactor
 from consoled.sessions import Sessions
@@ -106,7 +107,11 @@ class StoreService(Service):
 
 
 class Announcer(Service):
-    """Logs, once the reactor runs (signal handlers in place), that consoled serves."""
+    """Logs, once the reactor runs (signal handlers in place), that consoled serves.
+
+    It first gives twistd's text log observer (installed by now) the faster
+    formatter of the same lines (consoled.logs).
+    """
 
     name = "announcer"
 
@@ -117,6 +122,7 @@ class Announcer(Service):
 
     def startService(self) -> None:
         super().startService()
+        speed_up_text_logs()
         self._reactor.callWhenRunning(log.info, self._message, **self._fields)
 
 
