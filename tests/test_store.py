@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import uuid
 from typing import Any
 
@@ -264,6 +265,45 @@ class StoreThreadsTests(SynchronousTestCase):
         """PostgreSQL and MariaDB get db_threads (no connection is made here)."""
         self.assertEqual(self.threads("postgresql://nobody@127.0.0.1:1/none"), 4)
         self.assertEqual(self.threads("mysql+pymysql://nobody@127.0.0.1:1/none"), 4)
+
+
+class KeptConnectionTests(SynchronousTestCase):
+    """The daemon's SQLite store keeps its database thread's connection."""
+
+    def checkouts(self, keep: bool) -> tuple[int, int]:
+        """(pool checkouts, check-ins) for three look-ups and a stop."""
+        engine = make_engine(f"sqlite:///{os.path.abspath(self.mktemp())}.sqlite")
+        self.addCleanup(engine.dispose)
+        schema.upgrade(engine)
+        counted = {"checkout": 0, "checkin": 0}
+        for name in counted:
+            sa.event.listen(engine, name, lambda *a, n=name: counted.__setitem__(n, counted[n] + 1))
+        store = Store(engine, InlineRunner(), Clock(), keep_connection=keep)
+        for _ in range(3):
+            self.assertIsNone(self.successResultOf(store.find_token("0" * 64)))
+        store.stop()
+        return counted["checkout"], counted["checkin"]
+
+    def test_one_checkout_for_every_unit(self) -> None:
+        """Kept: one checkout for three units, checked in at stop."""
+        self.assertEqual(self.checkouts(keep=True), (1, 1))
+
+    def test_pooled_checks_out_each_unit(self) -> None:
+        """Not kept (servers, tests): one checkout per unit, as before."""
+        self.assertEqual(self.checkouts(keep=False), (3, 3))
+
+    def test_a_closed_kept_connection_is_replaced(self) -> None:
+        """A kept connection that was closed (or invalidated) is not reused."""
+        engine = make_engine(f"sqlite:///{os.path.abspath(self.mktemp())}.sqlite")
+        self.addCleanup(engine.dispose)
+        schema.upgrade(engine)
+        store = Store(engine, InlineRunner(), Clock(), keep_connection=True)
+        self.successResultOf(store.find_token("0" * 64))
+        first = store._kept.connection
+        first.invalidate()
+        self.successResultOf(store.find_token("0" * 64))
+        self.assertIsNot(store._kept.connection, first)
+        store.stop()
 
 
 class LeaseTestsMixin:

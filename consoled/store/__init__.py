@@ -30,8 +30,14 @@ class Store(TokenRows, SessionRows, SerialPortRows):
         self._runner.start()
 
     def stop(self) -> defer.Deferred[None]:
-        """Wait for calls in flight, stop the pool, close pooled connections."""
-        d = self._runner.stop()
+        """Wait for calls in flight, close a kept connection on its own thread,
+        stop the pool, close pooled connections."""
+        if self._kept is not None:
+            d = self._runner.run(self._close_kept)
+            d.addErrback(lambda _: None)  # the breaker is open: the process is ending anyway
+            d.addCallback(lambda _: self._runner.stop())
+        else:
+            d = self._runner.stop()
         d.addCallback(lambda _: self.engine.dispose())
         return d
 
@@ -84,7 +90,8 @@ def open_store(
 
     embedded = connection is None
     url = default_url(state_path) if embedded else connection
-    if normalise_url(url).get_backend_name() == "sqlite":
+    sqlite = normalise_url(url).get_backend_name() == "sqlite"
+    if sqlite:
         # SQLite has one writer at a time: a second thread only waits in
         # SQLite's busy handler (sleeps of up to 100 ms) while the first,
         # holding the write lock, waits for the GIL behind a busy reactor.
@@ -96,4 +103,5 @@ def open_store(
     runner: Any = ThreadRunner(reactor, threads)
     if breaker:
         runner = Breaker(runner, reactor, lambda: ping(engine))
-    return Store(engine, runner, reactor), embedded
+    # SQLite's one database thread keeps its connection (StorePart._begin).
+    return Store(engine, runner, reactor, keep_connection=sqlite), embedded
