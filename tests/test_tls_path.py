@@ -15,12 +15,14 @@ import os
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from consoled.tls import ReloadableServerTLS, ServerTLSFactory, ServerTLSProtocol
+from consoled import malloc
+from consoled.tls import ReloadableServerTLS, ServerTLSFactory, ServerTLSProtocol, renew_bios
 from tests.pki import cert_pem, key_pem, make_cert
 
 CA = make_cert("consoled test CA", None, ca=True)
@@ -53,18 +55,29 @@ class CountingTransport(StringTransport):
         super().write(data)
 
 
+def server_factory(testcase: SynchronousTestCase) -> ServerTLSFactory:
+    cert = testcase.mktemp()
+    key = testcase.mktemp()
+    with open(cert, "wb") as f:
+        f.write(cert_pem(SERVER[0]))
+    with open(key, "wb") as f:
+        f.write(key_pem(SERVER[1]))
+    return ServerTLSFactory(ReloadableServerTLS(cert, key), Factory.forProtocol(Door))
+
+
 class Pair:
     """A doors' TLS protocol and a pyOpenSSL client, joined by the test."""
 
-    def __init__(self, testcase: SynchronousTestCase, version: int, handshake: bool = True) -> None:
-        cert = testcase.mktemp()
-        key = testcase.mktemp()
-        with open(cert, "wb") as f:
-            f.write(cert_pem(SERVER[0]))
-        with open(key, "wb") as f:
-            f.write(key_pem(SERVER[1]))
+    def __init__(
+        self,
+        testcase: SynchronousTestCase,
+        version: int,
+        handshake: bool = True,
+        factory: ServerTLSFactory | None = None,
+    ) -> None:
         self.door = Door()
-        factory = ServerTLSFactory(ReloadableServerTLS(cert, key), Factory.forProtocol(Door))
+        if factory is None:
+            factory = server_factory(testcase)
         self.server = factory.buildProtocol(None)
         assert isinstance(self.server, ServerTLSProtocol)
         self.server.wrappedProtocol = self.door
@@ -109,6 +122,11 @@ class Pair:
                 except SSL.WantReadError:
                     pass
         raise AssertionError("the handshake did not finish")
+
+    def bios(self) -> tuple[Any, Any]:
+        """The server connection's receive and send BIOs (pyOpenSSL's cdata)."""
+        connection = self.server._tlsConnection
+        return connection._into_ssl, connection._from_ssl
 
     def client_reads(self) -> bytes:
         self.to_client()
@@ -196,3 +214,89 @@ class ServerTLSPathTests(SynchronousTestCase):
         self.assertEqual(context.set_mode(0) & mode, mode)  # set_mode answers the mode
         renegotiation = SSL.OP_NO_RENEGOTIATION
         self.assertEqual(context.set_options(0) & renegotiation, renegotiation)
+        # No session kept per client: resumption is by ticket (test_tls.test_sessions_resume).
+        self.assertEqual(context.get_session_cache_mode(), SSL.SESS_CACHE_OFF)
+
+    def test_the_handshake_leaves_no_grown_bio_behind(self) -> None:
+        """When the handshake is over the server connection starts on two new
+        memory BIOs (the handshake grew the old ones to the ClientHello and
+        the server's flight, ~2.4 KiB a session with RSA), and bytes go both
+        ways on them."""
+        for name, version in self.versions.items():
+            pair = Pair(self, version, handshake=False)
+            before = pair.bios()
+            pair.shuttle()
+            after = pair.bios()
+            self.assertIsNot(after[0], before[0], name)
+            self.assertIsNot(after[1], before[1], name)
+            pair.server.write(b"to the client")
+            self.assertEqual(pair.client_reads(), b"to the client", name)
+            pair.client.sendall(b"to the door")
+            pair.server.dataReceived(pair.from_client())
+            self.assertEqual(pair.door.deliveries[-1], b"to the door", name)
+
+    def test_data_behind_the_clients_finished_moves_to_the_new_bio(self) -> None:
+        """TLS 1.3: the client's first request in the same read as its
+        Finished waits in the receive BIO when the handshake ends; it moves to
+        the new BIO and reaches the door whole."""
+        pair = Pair(self, SSL.TLS1_3_VERSION, handshake=False)
+        for _ in range(10):
+            try:
+                pair.client.do_handshake()
+                break
+            except SSL.WantReadError:
+                pass
+            out = pair.from_client()
+            if out:
+                pair.server.dataReceived(out)
+            pair.to_client()
+        else:
+            raise AssertionError("the client did not finish its handshake")
+        request = b"GET /?token=x HTTP/1.1\r\n" + b"x" * 3000 + b"\r\n\r\n"
+        pair.client.sendall(request)
+        before = pair.bios()
+        pair.server.dataReceived(pair.from_client())  # Finished and the request
+        self.assertTrue(pair.server._handshakeDone)
+        self.assertIsNot(pair.bios()[0], before[0])
+        self.assertEqual(b"".join(pair.door.deliveries), request)
+
+    def test_renew_bios_frees_a_grown_send_bio_only_when_empty(self) -> None:
+        """renew_bios swaps in empty BIOs when there is nothing left to send
+        and leaves the connection alone while there is."""
+        pair = Pair(self, SSL.TLS1_3_VERSION)
+        connection = pair.server._tlsConnection
+        connection.sendall(b"not read out yet")
+        held = pair.bios()
+        self.assertFalse(renew_bios(connection))
+        self.assertEqual(pair.bios(), held)
+        pair.server._flushSendBIO()
+        self.assertTrue(renew_bios(connection))
+        self.assertEqual(pair.client_reads(), b"not read out yet")
+        pair.server.write(b"after")
+        self.assertEqual(pair.client_reads(), b"after")
+
+    def test_a_burst_of_handshakes_gives_the_heap_back_when_over(self) -> None:
+        """With release_after handshakes in flight at once, the heap is given
+        back (malloc.release) once, when the last of them is over, finished
+        or failed; fewer at once, or some still in flight, give nothing back."""
+        released: list[bool] = []
+        self.patch(malloc, "release", lambda: released.append(True) or True)
+        factory = server_factory(self)
+        burst = [
+            Pair(self, SSL.TLS1_3_VERSION, handshake=False, factory=factory)
+            for _ in range(factory.release_after)
+        ]
+        self.assertEqual(factory.handshaking, factory.release_after)
+        for pair in burst[:-2]:
+            pair.shuttle()
+        burst[-2].server.connectionLost(Failure(ConnectionDone()))  # a failed handshake
+        self.assertEqual((factory.handshaking, released), (1, []))
+        burst[-1].shuttle()
+        self.assertEqual((factory.handshaking, released), (0, [True]))
+        # then one at a time: no burst, nothing more to give back
+        for _ in range(3):
+            Pair(self, SSL.TLS1_3_VERSION, factory=factory)
+        self.assertEqual((factory.handshaking, factory.burst, released), (0, 1, [True]))
+        # a closed session is not counted twice
+        burst[0].server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(factory.handshaking, 0)
