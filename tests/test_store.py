@@ -55,6 +55,28 @@ class StoreTestsMixin:
         with self.engine.connect() as connection:
             return [dict(r._mapping) for r in connection.execute(sa.select(console_auth_tokens))]
 
+    def test_a_touch_never_rewrites_an_ended_row(self: Any) -> None:
+        """A touch that lands after a session's end (one under way when the
+        database went away) leaves the end's final counters alone."""
+        session_id = self.successResultOf(
+            self.store.open_session(
+                info=INFO, door="websocket", client_address="10.0.0.1", proxy="a"
+            )
+        )
+        self.successResultOf(
+            self.store.end_session(
+                session_id,
+                reason="client",
+                bytes_to_client=1007,
+                bytes_to_server=1007,
+                release_lease=False,
+            )
+        )
+        self.successResultOf(self.store.touch([(session_id, 7, 7)], proxy="a", lease_seconds=30))
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(sessions).where(sessions.c.id == session_id)).one()
+        self.assertEqual((row.bytes_to_client, row.bytes_to_server), (1007, 1007))
+
     def test_authorize_stores_only_the_digest(self: Any) -> None:
         """The row holds sha256(token) and expires = now + ttl; the token is nowhere in it."""
         issued = self.authorize(internal_access_path="/console?ref=1", tls_port=5902)

@@ -36,6 +36,7 @@ class Store(TokenRows, SessionRows, SerialPortRows):
             d = self._runner.run(self._close_kept)
             d.addErrback(lambda _: None)  # the breaker is open: the process is ending anyway
             d.addCallback(lambda _: self._runner.stop())
+            d.addCallback(lambda _: self._close_kept_rest())
         else:
             d = self._runner.stop()
         d.addCallback(lambda _: self.engine.dispose())
@@ -98,10 +99,12 @@ def open_store(
         # Under a reconnect storm such waits passed the breaker's 0.8 s and
         # refused users with 503 (issue 16); one thread never waits on itself.
         threads = 1
-    engine = make_engine(url, pool_size=threads, recycle=recycle)
+    # Each database thread keeps a connection (StorePart._begin); the pool
+    # holds as many again for the units that take their own (leases, the
+    # breaker's probe, health checks).
+    engine = make_engine(url, pool_size=2 * threads, recycle=recycle)
     # The breaker: fail fast while the database is down, keep session writes.
     runner: Any = ThreadRunner(reactor, threads)
     if breaker:
         runner = Breaker(runner, reactor, lambda: ping(engine))
-    # SQLite's one database thread keeps its connection (StorePart._begin).
-    return Store(engine, runner, reactor, keep_connection=sqlite), embedded
+    return Store(engine, runner, reactor, keep_connection=True), embedded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, TypeVar
@@ -11,9 +12,12 @@ from typing import Any, Protocol, TypeVar
 import sqlalchemy as sa
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 T = TypeVar("T")
+
+log = Logger()
 
 #: one unit of work for a database thread: f, its arguments, and where its result goes
 _Unit = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], defer.Deferred[Any]]
@@ -136,10 +140,26 @@ class InlineRunner:
         return defer.maybeDeferred(f, *args, **kwargs)
 
 
+#: A kept database connection idle this long is pinged before its next use.
+KEPT_IDLE_PING = 1.0
+
+
 @contextmanager
 def _transaction(connection: sa.Connection) -> Iterator[sa.Connection]:
     with connection.begin():
         yield connection
+
+
+def _alive(connection: sa.Connection) -> bool:
+    """Whether a kept connection still reaches its server (the pool's pre-ping, by hand)."""
+    try:
+        with connection.begin():
+            connection.exec_driver_sql("SELECT 1")
+    except sa.exc.DBAPIError as error:
+        if error.connection_invalidated:  # the server dropped it: take another
+            return False
+        raise
+    return True
 
 
 def observe(d: defer.Deferred[Any]) -> defer.Deferred[None]:
@@ -170,53 +190,88 @@ class StorePart:
         self.clock = clock
         #: each database thread's own connection, when kept (see _begin)
         self._kept: threading.local | None = threading.local() if keep_connection else None
+        self._kept_all: set[sa.Connection] = set()
+        self._kept_lock = threading.Lock()
 
-    def _begin(self) -> AbstractContextManager[sa.Connection]:
-        """A transaction on a connection: the thread's kept one, or the pool's.
+    def _begin(self, single: bool = False) -> AbstractContextManager[sa.Connection]:
+        """A transaction for a unit; a ``single`` statement's runs on the
+        database thread's kept connection, in autocommit, when one is kept.
 
-        The daemon's SQLite store keeps its one database thread's connection
-        (``keep_connection``): checking a connection out of the pool and back
-        for every unit cost as much as the unit's statement (~25 of ~45 µs for
-        a token look-up), three times per session (issue 16).  A server
-        database goes through the pool, whose pre-ping finds a connection the
-        server dropped.
+        The daemon's store keeps each database thread a connection in
+        autocommit (``keep_connection``) for the units that are one
+        statement: a session's token look-up, its row's insert and its row's
+        end.  Through the pool each cost a checkout and a check-in (on SQLite
+        ~25 of the ~45 µs of a look-up) and, on a server, the pool's pre-ping
+        and a BEGIN and a COMMIT: three round trips besides the statement, of
+        ~60 µs of this process's CPU each with psycopg (a look-up: 207 µs of
+        CPU in a transaction, 59 µs in autocommit; issue 16).  One statement
+        is atomic alone.  What the pre-ping was for is kept: a kept
+        connection idle for `KEPT_IDLE_PING` seconds is pinged before use,
+        and one the server dropped (invalidated by SQLAlchemy on the error)
+        is replaced.  Units of several statements keep the pool and their
+        transaction.
         """
-        if self._kept is None:
+        if self._kept is None or not single:
             return self.engine.begin()
-        connection: sa.Connection | None = getattr(self._kept, "connection", None)
-        if connection is None or connection.closed or connection.invalidated:
-            connection = self._kept.connection = self.engine.connect()
+        kept = self._kept
+        connection: sa.Connection | None = getattr(kept, "connection", None)
+        now = time.monotonic()
+        if connection is not None and not (connection.closed or connection.invalidated):
+            if now - kept.used < KEPT_IDLE_PING or _alive(connection):
+                kept.used = now
+                return _transaction(connection)
+            connection.close()
+        kept.connection = None
+        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        kept.connection = connection
+        kept.used = now
+        with self._kept_lock:
+            self._kept_all.add(connection)
         return _transaction(connection)
 
     def _close_kept(self) -> None:
-        """Close this thread's kept connection (run on the database thread, at stop)."""
+        """Close this thread's kept connection (run on a database thread, at stop)."""
         connection = getattr(self._kept, "connection", None)
         if connection is not None:
             self._kept.connection = None  # type: ignore[union-attr]
+            with self._kept_lock:
+                self._kept_all.discard(connection)
             connection.close()
 
-    def _run(self, f: Callable[..., T], *args: Any) -> defer.Deferred[T]:
-        """Run ``f(connection, *args)`` in one transaction on the runner."""
+    def _close_kept_rest(self) -> None:
+        """Close the kept connections of threads that have stopped (servers only:
+        SQLite's one thread closed its own in `_close_kept`)."""
+        with self._kept_lock:
+            rest, self._kept_all = self._kept_all, set()
+        for connection in rest:
+            try:
+                connection.close()
+            except Exception as error:  # the server is gone: nothing to give back
+                log.debug("closing a kept database connection: {error}", error=error)
+
+    def _run(self, f: Callable[..., T], *args: Any, single: bool = False) -> defer.Deferred[T]:
+        """Run ``f(connection, *args)`` in one transaction on the runner
+        (``single``: f runs one statement, see `_begin`)."""
 
         def unit() -> T:
-            with self._begin() as connection:
+            with self._begin(single) as connection:
                 return f(connection, *args)
 
         return self._runner.run(unit)
 
-    def _read(self, f: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+    def _read(self, f: Callable[..., T], *args: Any, single: bool = False) -> defer.Deferred[T]:
         """Like :meth:`_run`, for a read whose answer may be dropped when the
         store goes down meanwhile (the breaker fails it at once)."""
 
         def unit() -> T:
-            with self._begin() as connection:
+            with self._begin(single) as connection:
                 return f(connection, *args)
 
         read = getattr(self._runner, "read", None)
         return read(unit) if read is not None else self._runner.run(unit)
 
     def _keep(
-        self, key: Any, make: Callable[[], Callable[[sa.Connection], Any]]
+        self, key: Any, make: Callable[[], Callable[[sa.Connection], Any]], single: bool = False
     ) -> defer.Deferred[None]:
         """A write that must not be lost: ``make()`` gives ``f(connection)``,
         built when it runs; while the store is down (the breaker) it is kept,
@@ -227,7 +282,7 @@ class StorePart:
             f = make()
 
             def unit() -> Any:
-                with self._begin() as connection:
+                with self._begin(single) as connection:
                     return f(connection)
 
             return unit

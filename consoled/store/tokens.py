@@ -75,7 +75,7 @@ class TokenRows(StorePart):
 
     def find_token(self, token_hash: str) -> defer.Deferred[ConnectInfo | None]:
         """Where the token of this digest leads, or None: unknown and expired are one answer."""
-        return self._read(_select_valid, token_hash, int(self._now()))
+        return self._read(_select_valid, token_hash, int(self._now()), single=True)
 
     def lookup(self, token: str) -> defer.Deferred[ConnectInfo | None]:
         """The token's row whether or not it has expired (``token show``)."""
