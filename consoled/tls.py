@@ -428,6 +428,14 @@ def renew_bios(connection: SSL.Connection) -> bool:
     return True
 
 
+#: A write or read larger than this grows a session's memory BIOs past what
+#: an idle session should keep (`ServerTLSFactory.grew`).
+GROWN = 32 * 1024
+
+#: Seconds without such a write or read before a session's BIOs are renewed.
+RENEW_AFTER = 1.0
+
+
 class ServerTLSProtocol(TLSMemoryBIOProtocol):
     """Twisted's memory-BIO TLS with a shorter path for the relayed bytes.
 
@@ -486,6 +494,17 @@ class ServerTLSProtocol(TLSMemoryBIOProtocol):
         # A record adds at most 5 bytes of header and 17 of content type and
         # tag (TLS 1.3; 29 with TLS 1.2's explicit nonce): one read takes it all.
         self._send_out(len(data) + (len(data) // 16384 + 1) * 64)
+        if len(data) > GROWN:
+            self.factory.grew(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if len(data) > GROWN and self._handshakeDone:
+            self.factory.grew(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.shrunk(self)
+        super().connectionLost(reason)
 
     def _flushSendBIO(self) -> None:
         self._send_out(2**15)
@@ -565,6 +584,9 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
         self.alpn = tuple(alpn)
         #: handshakes in flight, and the most at once since the heap was last given back
         self.handshaking = self.burst = 0
+        #: sessions whose BIOs grew past GROWN, and when they last did (see grew)
+        self._grown: dict[ServerTLSProtocol, float] = {}
+        self._sweep_call: Any = None
 
     def registerProtocol(self, p: Any) -> None:
         if p in self.protocols:  # ProtocolWrapper.makeConnection registers it again
@@ -578,6 +600,41 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
         super().unregisterProtocol(p)
         if not p._handshakeDone:
             self.handshake_over()
+
+    def grew(self, protocol: ServerTLSProtocol) -> None:
+        """``protocol`` moved more than `GROWN` bytes through a BIO in one go.
+
+        A memory BIO keeps the largest size it ever held: 306 KB after one
+        256 KiB write (the largest read of a console), for the rest of the
+        session.  Once such a session has been quiet for `RENEW_AFTER`
+        seconds its BIOs are renewed (`renew_bios`), so a cell of mostly
+        idle consoles does not keep each one's largest screen update; a
+        session that streams keeps its working buffer, renewed once it rests.
+        """
+        self._grown[protocol] = self._clock.seconds()
+        if self._sweep_call is None:
+            self._sweep_call = self._clock.callLater(RENEW_AFTER, self._sweep)
+
+    def shrunk(self, protocol: ServerTLSProtocol) -> None:
+        """``protocol`` is gone (or renewed): nothing to give back for it."""
+        self._grown.pop(protocol, None)
+
+    def _sweep(self) -> None:
+        self._sweep_call = None
+        now = self._clock.seconds()
+        for protocol, last in list(self._grown.items()):
+            if now - last < RENEW_AFTER:
+                continue
+            if protocol._lostTLSConnection or renew_bios(protocol._tlsConnection):
+                del self._grown[protocol]
+        if self._grown:
+            self._sweep_call = self._clock.callLater(RENEW_AFTER, self._sweep)
+
+    def doStop(self) -> None:
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+        super().doStop()
 
     def handshake_over(self) -> None:
         """One handshake finished or failed; after a burst, give the heap back."""

@@ -17,12 +17,19 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from consoled import malloc
-from consoled.tls import ReloadableServerTLS, ServerTLSFactory, ServerTLSProtocol, renew_bios
+from consoled.tls import (
+    RENEW_AFTER,
+    ReloadableServerTLS,
+    ServerTLSFactory,
+    ServerTLSProtocol,
+    renew_bios,
+)
 from tests.pki import cert_pem, key_pem, make_cert
 
 CA = make_cert("consoled test CA", None, ca=True)
@@ -62,7 +69,9 @@ def server_factory(testcase: SynchronousTestCase) -> ServerTLSFactory:
         f.write(cert_pem(SERVER[0]))
     with open(key, "wb") as f:
         f.write(key_pem(SERVER[1]))
-    return ServerTLSFactory(ReloadableServerTLS(cert, key), Factory.forProtocol(Door))
+    factory = ServerTLSFactory(ReloadableServerTLS(cert, key), Factory.forProtocol(Door))
+    factory._clock = Clock()  # the idle sweep's (ServerTLSFactory.grew)
+    return factory
 
 
 class Pair:
@@ -300,3 +309,49 @@ class ServerTLSPathTests(SynchronousTestCase):
         # a closed session is not counted twice
         burst[0].server.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(factory.handshaking, 0)
+
+    def test_a_grown_session_is_renewed_once_quiet(self) -> None:
+        """A 256 KiB write grows the send BIO; once the session has been quiet
+        for RENEW_AFTER its BIOs are renewed, and it goes on working."""
+        factory = server_factory(self)
+        pair = Pair(self, SSL.TLS1_3_VERSION, factory=factory)
+        small = pair.bios()
+        pair.server.write(b"s" * 1024)  # small writes grow nothing
+        self.assertEqual(pair.client_reads(), b"s" * 1024)
+        self.assertEqual(factory._grown, {})
+        payload = os.urandom(256 * 1024)
+        pair.server.write(payload)
+        self.assertEqual(pair.client_reads(), payload)
+        self.assertIn(pair.server, factory._grown)
+        grown = pair.bios()
+        clock = factory._clock
+        clock.advance(RENEW_AFTER / 2)
+        pair.server.write(payload)  # still streaming: kept
+        self.assertEqual(pair.client_reads(), payload)
+        clock.advance(RENEW_AFTER / 2)
+        self.assertEqual(pair.bios(), grown)
+        clock.advance(RENEW_AFTER)
+        self.assertNotEqual(pair.bios(), grown)
+        self.assertNotEqual(pair.bios(), small)
+        self.assertEqual(factory._grown, {})
+        self.assertEqual(clock.getDelayedCalls(), [])  # the sweep stops when none is left
+        pair.server.write(b"after")
+        self.assertEqual(pair.client_reads(), b"after")
+
+    def test_a_large_read_grows_too(self) -> None:
+        """What the client sends in a large burst grows the receive BIO: renewed alike."""
+        factory = server_factory(self)
+        pair = Pair(self, SSL.TLS1_3_VERSION, factory=factory)
+        pair.client.sendall(os.urandom(64 * 1024))
+        pair.server.dataReceived(pair.from_client())
+        self.assertIn(pair.server, factory._grown)
+        factory._clock.advance(RENEW_AFTER)
+        self.assertEqual(factory._grown, {})
+
+    def test_a_lost_session_is_forgotten(self) -> None:
+        """A grown session that ends is dropped at once, not renewed."""
+        factory = server_factory(self)
+        pair = Pair(self, SSL.TLS1_3_VERSION, factory=factory)
+        pair.server.write(os.urandom(64 * 1024))
+        pair.server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(factory._grown, {})
