@@ -476,25 +476,47 @@ class ServerTLSProtocol(TLSMemoryBIOProtocol):
                 renew_bios(self._tlsConnection)
             self.factory.handshake_over()
 
+    def writeSequence(self, iovec: Any) -> None:
+        # A websocket frame (header, payload): Twisted joins them, a copy of
+        # the payload; here only the first record's worth is joined (so the
+        # header shares a record) and the rest goes to OpenSSL as it is.
+        if len(iovec) != 2 or len(iovec[1]) <= 16384 or not self._fast():
+            super().writeSequence(iovec)
+            return
+        if self.disconnecting and self._producer is None:
+            return  # as TLSMemoryBIOProtocol.write: nothing after loseConnection
+        header, payload = iovec
+        first = 16384 - len(header)
+        self._encrypt(header + payload[:first], memoryview(payload)[first:])
+
+    def _fast(self) -> bool:
+        """Whether a write may take the short path now (else Twisted's)."""
+        return self._handshakeDone and not self._appSendBuffer and not self._lostTLSConnection
+
     def _write(self, data: bytes) -> None:
-        if not self._handshakeDone or self._appSendBuffer:
-            super()._write(data)
+        if not self._fast():
+            if not self._lostTLSConnection:
+                super()._write(data)
             return
-        if self._lostTLSConnection:
-            return
+        self._encrypt(data)
+
+    def _encrypt(self, *pieces: Any) -> None:
+        size = 0
         try:
-            # sendall loops over OpenSSL's partial writes inside one call.
-            # After the handshake a memory BIO never wants to read or write
-            # here (renegotiation is off: OP_NO_RENEGOTIATION), so nothing
-            # is left half written.
-            self._tlsConnection.sendall(data)
+            for piece in pieces:
+                # sendall loops over OpenSSL's partial writes inside one call.
+                # After the handshake a memory BIO never wants to read or
+                # write here (renegotiation is off: OP_NO_RENEGOTIATION), so
+                # nothing is left half written.
+                self._tlsConnection.sendall(piece)
+                size += len(piece)
         except Error:
             self._tlsShutdownFinished(Failure())
             return
         # A record adds at most 5 bytes of header and 17 of content type and
         # tag (TLS 1.3; 29 with TLS 1.2's explicit nonce): one read takes it all.
-        self._send_out(len(data) + (len(data) // 16384 + 1) * 64)
-        if len(data) > GROWN:
+        self._send_out(size + (size // 16384 + len(pieces)) * 64)
+        if size > GROWN:
             self.factory.grew(self)
 
     def dataReceived(self, data: bytes) -> None:

@@ -172,6 +172,21 @@ class ServerTLSPathTests(SynchronousTestCase):
             self.assertEqual(pair.wire.writes, 1, name)
             self.assertEqual(pair.client_reads(), b"\x82\x7e\x10\x00" + b"x" * 4096, name)
 
+    def test_a_large_frame_is_one_write_without_joining(self) -> None:
+        """A frame header with a 100 KiB payload: one transport write, intact,
+        the header in the first record with the payload's start."""
+        for name, pair in self.each_version():
+            payload = os.urandom(100 * 1024)
+            header = b"\x82\x7f" + (100 * 1024).to_bytes(8, "big")
+            pair.wire.writes = 0
+            pair.server.writeSequence([header, payload])
+            self.assertEqual(pair.wire.writes, 1, name)
+            self.assertEqual(pair.client_reads(), header + payload, name)
+            pair.server.loseConnection()  # sends close_notify
+            sent = pair.wire.value()
+            pair.server.writeSequence([header, payload])  # after loseConnection: dropped
+            self.assertEqual(pair.wire.value(), sent, name)
+
     def test_records_of_one_read_are_one_delivery(self) -> None:
         """Five records arriving together reach the door in one call, in order."""
         for name, pair in self.each_version():
