@@ -428,6 +428,12 @@ def renew_bios(connection: SSL.Connection) -> bool:
     return True
 
 
+#: Where `ServerTLSProtocol._send_out` reads ciphertext (reactor thread only):
+#: a relayed chunk is at most 256 KiB (consoled.backends.tcp.READ_SIZE).
+_OUT = bytearray(512 * 1024)
+_OUT_VIEW = memoryview(_OUT)
+_OUT_POINTER = _ffi.from_buffer(_OUT)
+
 #: A write or read larger than this grows a session's memory BIOs past what
 #: an idle session should keep (`ServerTLSFactory.grew`).
 GROWN = 32 * 1024
@@ -532,7 +538,24 @@ class ServerTLSProtocol(TLSMemoryBIOProtocol):
         self._send_out(2**15)
 
     def _send_out(self, size: int) -> None:
-        """Everything in the send BIO to the transport, read ``size`` bytes at a time."""
+        """Everything in the send BIO to the transport, read ``size`` bytes at a time.
+
+        Up to `_OUT`'s size it is read straight into that one buffer and handed
+        to the kernel from there (pyOpenSSL's ``bio_read`` copies twice, into
+        a fresh buffer and then into bytes): a copy of every relayed byte and
+        an allocation of its size fewer.  The buffer is the reactor thread's
+        alone, and write_now copies out whatever it must queue.
+        """
+        out = getattr(self._tlsConnection, "_from_ssl", None)
+        if out is not None and size <= len(_OUT):
+            n = _lib.BIO_read(out, _OUT_POINTER, len(_OUT))
+            if 0 < n < len(_OUT):
+                write_now(self.transport, _OUT_VIEW[:n])
+                return
+            if n <= 0:
+                return  # nothing to send
+            # a full buffer: there may be more; it goes the general way
+            write_now(self.transport, bytes(_OUT_VIEW))
         read = self._tlsConnection.bio_read
         chunks: list[bytes] = []
         try:

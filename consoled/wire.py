@@ -19,7 +19,7 @@ __all__ = ["write_now"]
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
-def write_now(transport: Any, data: bytes, header: bytes = b"") -> None:
+def write_now(transport: Any, data: bytes | memoryview, header: bytes = b"") -> None:
     """Write ``header + data`` to a transport, straight to the kernel when it can.
 
     Twisted queues every write until the reactor's next pass.  When nothing
@@ -30,6 +30,9 @@ def write_now(transport: Any, data: bytes, header: bytes = b"") -> None:
     either.  What the kernel does not take is queued on the transport as
     usual, with its flow control.  (The test is inline, not a helper: this
     runs once per relayed chunk.)
+
+    ``data`` may be a memoryview of a buffer its caller reuses (the TLS
+    doors' ciphertext, `consoled.tls`): what is queued is copied out first.
     """
     if (
         type(transport) not in _PLAIN_TCP
@@ -39,6 +42,8 @@ def write_now(transport: Any, data: bytes, header: bytes = b"") -> None:
         or transport.disconnecting
         or not transport.connected
     ):
+        if type(data) is not bytes:
+            data = bytes(data)
         if header:
             transport.writeSequence((header, data))
         else:
@@ -49,6 +54,6 @@ def write_now(transport: Any, data: bytes, header: bytes = b"") -> None:
     except OSError:
         sent = 0  # EAGAIN, or an error the transport's own write reports
     if sent < len(header):
-        transport.writeSequence((header[sent:], data))
+        transport.writeSequence((header[sent:], bytes(data)))
     elif sent < len(header) + len(data):
-        transport.write(data[sent - len(header) :])
+        transport.write(bytes(data[sent - len(header) :]))
