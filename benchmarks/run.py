@@ -33,6 +33,7 @@ from measures import (
     METRICS,
     QUICK,
     STEPS,
+    Measured,
     Settings,
     Step,
     big_hold,
@@ -190,6 +191,21 @@ class Bench:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
+def failed(bench: Bench, label: str, error: Exception) -> None:
+    """A measurement that raised: its traceback on stderr, a note in the report."""
+    traceback.print_exc(file=sys.stderr)
+    bench.notes.append(f"{label} failed: {error}")
+
+
+def record(bench: Bench, label: str, name: str, measured: Measured) -> None:
+    """One measurement's values under column ``name``; its strings become notes."""
+    for key, value in measured.items():
+        if isinstance(value, str):
+            bench.notes.append(f"{label}: {value}")
+        else:
+            bench.values.setdefault(key, {}).setdefault(name, []).append(value)
+
+
 def run_step(bench: Bench, step: Step) -> None:
     """Every repetition of one step, each target with a fresh proxy, targets interleaved."""
     names = [t for t in bench.targets if step.direct or split_tls(t)[0] != "direct"]
@@ -229,14 +245,9 @@ def run_step(bench: Bench, step: Step) -> None:
                 ) as target:
                     measured = step.run(target, bench.settings)
             except Exception as error:
-                traceback.print_exc(file=sys.stderr)
-                bench.notes.append(f"{label} failed: {error}")
+                failed(bench, label, error)
                 continue
-            for key, value in measured.items():
-                if isinstance(value, str):
-                    bench.notes.append(f"{label}: {value}")
-                else:
-                    bench.values.setdefault(key, {}).setdefault(name, []).append(value)
+            record(bench, label, name, measured)
             if split_tls(name)[0] == "websockify" and "setup_failures" in measured:
                 bench.notes.append(websockify_hint(bench.workdir, name))
             if name.startswith("consoled"):
@@ -295,14 +306,9 @@ def run_big(bench: Bench) -> None:
                 ) as target:
                     measured = big_hold(target, s)
             except Exception as error:
-                traceback.print_exc(file=sys.stderr)
-                bench.notes.append(f"{label} failed: {error}")
+                failed(bench, label, error)
                 continue
-            for key, value in measured.items():
-                if isinstance(value, str):
-                    bench.notes.append(f"{label}: {value}")
-                else:
-                    bench.values.setdefault(key, {}).setdefault("consoled", []).append(value)
+            record(bench, label, "consoled", measured)
             bench.notes += breaker_hint(bench.workdir, "consoled", mark, label)
             took = time.monotonic() - started
             shown = ", ".join(f"{k}={v:.4g}" for k, v in measured.items() if not isinstance(v, str))
