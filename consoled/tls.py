@@ -482,6 +482,19 @@ class ServerTLSProtocol(TLSMemoryBIOProtocol):
                 renew_bios(self._tlsConnection)
             self.factory.handshake_over()
 
+    @property
+    def bufferSize(self) -> int:
+        """The TCP transport's: how much may wait for the client before the
+        console is paused.  A door sets it (USER_WRITE_BUFFER) as it would on
+        a plain transport; as an attribute of this wrapper it stayed here,
+        and the TCP transport's 64 KiB default paused the console around
+        every relayed chunk."""
+        return int(self.transport.bufferSize)
+
+    @bufferSize.setter
+    def bufferSize(self, size: int) -> None:
+        self.transport.bufferSize = size
+
     def writeSequence(self, iovec: Any) -> None:
         # A websocket frame (header, payload): Twisted joins them, a copy of
         # the payload; here only the first record's worth is joined (so the

@@ -362,3 +362,12 @@ class ServerTLSPathTests(SynchronousTestCase):
         pair.server.write(os.urandom(64 * 1024))
         pair.server.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(factory._grown, {})
+
+    def test_buffer_size_reaches_the_tcp_transport(self) -> None:
+        """A door's write buffer size (how much waits for a slow browser before
+        the console pauses) is the TCP transport's, as on a plain door."""
+        pair = Pair(self, SSL.TLS1_3_VERSION)
+        pair.wire.bufferSize = 65536
+        pair.server.bufferSize = 256 * 1024
+        self.assertEqual(pair.wire.bufferSize, 256 * 1024)
+        self.assertEqual(pair.server.bufferSize, 256 * 1024)
