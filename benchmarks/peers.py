@@ -611,6 +611,9 @@ def proxy(
         argv = [sys.executable, str(Path(__file__).with_name("bare_relay.py")), str(port)]
         argv.append(str(backend_port))
         websocket = False
+    elif name == "bare-autobahn":
+        argv = [sys.executable, str(Path(__file__).with_name("bare_autobahn.py")), str(port)]
+        argv.append(str(backend_port))
     elif name == "websockify":
         argv = [sys.executable, "-m", "websockify", f"127.0.0.1:{port}", backend]
     elif name == "websocat":

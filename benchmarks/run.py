@@ -62,6 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = (
     "direct",
     "bare-python",
+    "bare-autobahn",
     "consoled",
     "consoled-xvp",
     "consoled-serial",
@@ -217,6 +218,8 @@ def run_step(bench: Bench, step: Step) -> None:
         names = [t for t in names if STORE_SEPARATOR not in t]
     if step.group != "latency":
         names = [t for t in names if t != "bare-python"]  # a latency floor only
+    if step.group != "setup":
+        names = [t for t in names if t != "bare-autobahn"]  # a set-up floor only
     if not step.one_console:
         # A serial port has one writer: many sessions to one console do not apply.
         names = [t for t in names if t != "consoled-serial"]
