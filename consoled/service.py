@@ -8,6 +8,7 @@ locks released), then the store's thread pool stops after calls in flight.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
@@ -110,7 +111,8 @@ class Announcer(Service):
     """Logs, once the reactor runs (signal handlers in place), that consoled serves.
 
     It first gives twistd's text log observer (installed by now) the faster
-    formatter of the same lines (consoled.logs).
+    formatter of the same lines (consoled.logs), and once the reactor runs
+    moves what start-up made out of the garbage collector's generations.
     """
 
     name = "announcer"
@@ -123,6 +125,11 @@ class Announcer(Service):
     def startService(self) -> None:
         super().startService()
         speed_up_text_logs()
+        # What start-up made (modules, settings, factories) lives as long as
+        # the process: out of the collector's sight, its collections walk
+        # only what sessions make.  With 100 set-ups in flight the proxy's
+        # CPU per session went from ~824 to ~762 µs (issue 16).
+        self._reactor.callWhenRunning(gc.freeze)
         self._reactor.callWhenRunning(log.info, self._message, **self._fields)
 
 

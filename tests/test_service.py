@@ -261,3 +261,24 @@ def _kill(transport: Any, twistd: _Twistd) -> defer.Deferred[Any]:
     except error.ProcessExitedAlready:
         pass
     return twistd.ended
+
+
+class AnnouncerTests(SynchronousTestCase):
+    def test_start_up_is_frozen_out_of_the_collector_once_running(self) -> None:
+        """Once the reactor runs, what start-up made leaves the collector's
+        generations (gc.freeze), then consoled says it is ready."""
+        import gc
+
+        from consoled.service import Announcer
+
+        class Reactor:
+            def __init__(self) -> None:
+                self.when_running: list[Any] = []
+
+            def callWhenRunning(self, f: Any, *args: Any, **kwargs: Any) -> None:
+                self.when_running.append(f)
+
+        fake = Reactor()
+        Announcer(fake, "consoled ready").startService()
+        self.assertIn(gc.freeze, fake.when_running)
+        self.assertLess(fake.when_running.index(gc.freeze), len(fake.when_running) - 1)
