@@ -455,9 +455,12 @@ class ServerTLSProtocol(TLSMemoryBIOProtocol):
     one call and hands it to the kernel as the plain relay does
     (`consoled.wire.write_now`), queueing only what the kernel does not take;
     received records are decrypted in a loop and handed up in one call.  On
-    the benchmark's wss:// downstream (one session, 1 GiB, RSA) that took
-    consoled from 696 to 985 MB/s and its CPU from 1.56 to 1.03 s per GiB
-    (issue 16); what is left is the cipher, the kernel's copies and epoll.
+    the benchmark's wss:// downstream (one session, 1 GiB, RSA) that alone
+    took consoled from 696 to 985 MB/s and its CPU from 1.56 to 1.03 s per
+    GiB; with the frame's header no longer joined to its payload and the
+    ciphertext read into one buffer (`_send_out`) it spends 1.04-1.06 s per
+    GiB where websockify spends 1.18 (benchmarks/reports/2026-12-03-c.txt,
+    issue 16).  What is left is the cipher, the kernel's copies and epoll.
 
     Before the handshake is done, and for the shutdown, Twisted's code runs
     unchanged: writes wait for the handshake as they always did.
