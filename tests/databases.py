@@ -54,3 +54,14 @@ def fresh_database(testcase: SynchronousTestCase, backend: str) -> str:
 
     testcase.addCleanup(drop)
     return admin.url.set(database=name).render_as_string(hide_password=False)
+
+
+def upgraded_engine(testcase: SynchronousTestCase, url: str) -> sa.Engine:
+    """consoled's engine on ``url`` with the schema at head, disposed after the test."""
+    from consoled.store import schema
+    from consoled.store.engine import make_engine
+
+    engine = make_engine(url)
+    testcase.addCleanup(engine.dispose)
+    schema.upgrade(engine)
+    return engine

@@ -13,10 +13,10 @@ from twisted.internet.testing import MemoryReactorClock
 
 from consoled.gate import Gate
 from consoled.sessions import Sessions
-from consoled.store import Store, schema
-from consoled.store.engine import make_engine
+from consoled.store import Store
 from consoled.store.runner import InlineRunner
 from consoled.store.tables import serial_leases, sessions
+from tests.databases import upgraded_engine
 from tests.harness import INSTANCE
 
 
@@ -24,9 +24,7 @@ class InlineCore:
     """Store, sessions and one issued token of ``console_type`` for 127.0.0.1:``port``."""
 
     def __init__(self, testcase: Any, console_type: str, port: int, access_url_base: str) -> None:
-        self.engine = make_engine("sqlite:///" + testcase.mktemp() + ".sqlite")
-        testcase.addCleanup(self.engine.dispose)
-        schema.upgrade(self.engine)
+        self.engine = upgraded_engine(testcase, "sqlite:///" + testcase.mktemp() + ".sqlite")
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_800_000_000)
         self.store = Store(self.engine, InlineRunner(), self.reactor)

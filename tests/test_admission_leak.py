@@ -50,12 +50,12 @@ from twisted.trial.unittest import TestCase
 
 from consoled.doors.web import DoorProtocol
 from consoled.doors.websocket import ConsoleServerFactory, ConsoleServerProtocol
-from consoled.store import Store, schema
-from consoled.store.engine import make_engine
+from consoled.store import Store
 from consoled.store.runner import InlineRunner, observe
 from consoled.store.tables import serial_leases
 from tests import hypervisors
 from tests.daemon import start_consoled_on_free_ports
+from tests.databases import upgraded_engine
 from tests.harness import INSTANCE, Consoled, test_settings
 from tests.wsclient import HOST, StreamClient, upgrade_request
 
@@ -444,9 +444,7 @@ class DroppedUpgradesDaemonTests(TestCase):
         AlreadyCalledError, critical line or traceback once a good session has been
         pinged for longer than any left-behind connection's ping would take to time out."""
         url = "sqlite:///" + os.path.abspath(self.mktemp()) + ".sqlite"
-        engine = make_engine(url)
-        self.addCleanup(engine.dispose)
-        schema.upgrade(engine)
+        engine = upgraded_engine(self, url)
         # The rows the drops write grow the file, and SQLite caches its pages,
         # up to 2 MiB for each of the store's connections: a cache, not a leak.
         # A small cache (stored in the file) and one store thread keep it and the

@@ -25,12 +25,11 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
-from consoled.store import Store, schema
-from consoled.store.engine import make_engine
+from consoled.store import Store
 from consoled.store.runner import InlineRunner
 from tests import hypervisors
 from tests.daemon import CHECKOUT, ENV, Twistd, start_consoled_on_free_ports
-from tests.databases import fresh_database
+from tests.databases import fresh_database, upgraded_engine
 from tests.peers import free_port, require_executable
 from tests.test_two_proxies import _hang_up, _later, proxy_config
 from tests.wsclient import StreamClient, upgrade_request
@@ -77,9 +76,7 @@ class HAProxyTests(TestCase):
             self, "haproxy", "apt-get install --no-install-recommends haproxy"
         )
         url = fresh_database(self, "postgresql")
-        engine = make_engine(url)
-        self.addCleanup(engine.dispose)
-        schema.upgrade(engine)
+        engine = upgraded_engine(self, url)
         self.store = Store(engine, InlineRunner(), reactor)
         self.a, self.b = yield defer.gatherResults(
             [self.start_proxy("A", url), self.start_proxy("B", url)], consumeErrors=True

@@ -18,7 +18,7 @@ from consoled.store import Store, schema
 from consoled.store.engine import make_engine
 from consoled.store.runner import InlineRunner
 from consoled.tokens import hash_token
-from tests.databases import fresh_database
+from tests.databases import fresh_database, upgraded_engine
 
 INSTANCE = "9b2c4f0e-3d1a-4c5b-8e7f-0a1b2c3d4e5f"
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +28,7 @@ class CommandBase(SynchronousTestCase):
     """The commands against a real SQLite store, in process."""
 
     def setUp(self) -> None:
-        self.engine = make_engine(fresh_database(self, "sqlite"))
-        self.addCleanup(self.engine.dispose)
-        schema.upgrade(self.engine)
+        self.engine = upgraded_engine(self, fresh_database(self, "sqlite"))
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.store = Store(self.engine, InlineRunner(), self.clock)

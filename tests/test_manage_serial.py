@@ -20,6 +20,7 @@ from consoled.store.engine import make_engine
 from consoled.store.runner import InlineRunner
 from consoled.tokens import hash_token
 from tests import test_manage
+from tests.databases import upgraded_engine
 from tests.test_manage import INSTANCE, CommandBase
 from tests.test_store import take_lease
 
@@ -242,9 +243,7 @@ class DefineTests(TestCase):
         node = os.path.abspath(self.mktemp()) + ".xml"
         with open(node, "w") as f:
             f.write("<node>" + domain(INSTANCE, "vm1", "") + "</node>")
-        engine = make_engine("sqlite:///" + os.path.abspath(self.mktemp()) + ".sqlite")
-        self.addCleanup(engine.dispose)
-        schema.upgrade(engine)
+        engine = upgraded_engine(self, "sqlite:///" + os.path.abspath(self.mktemp()) + ".sqlite")
         clock = Clock()
         clock.advance(1_800_000_000)
         self.store = Store(engine, InlineRunner(), clock)

@@ -25,12 +25,11 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from consoled.service import compose
-from consoled.store import Store, open_store, schema
-from consoled.store.engine import make_engine
+from consoled.store import Store, open_store
 from consoled.store.runner import InlineRunner
 from consoled.store.tables import serial_leases, sessions
 from tests import hypervisors
-from tests.databases import ADMIN_URLS, fresh_database
+from tests.databases import ADMIN_URLS, fresh_database, upgraded_engine
 from tests.dbrelay import DatabaseRelay
 from tests.harness import INSTANCE, drop_autobahn_timer_buckets, test_settings
 from tests.serialclient import terminal_connect
@@ -52,9 +51,7 @@ class OutageMixin:
     @defer.inlineCallbacks
     def setUp(self) -> Any:
         url = fresh_database(self, "postgresql")
-        self.engine = make_engine(url)
-        self.addCleanup(self.engine.dispose)
-        schema.upgrade(self.engine)
+        self.engine = upgraded_engine(self, url)
         self.direct = Store(self.engine, InlineRunner(), reactor)
         self.relay = DatabaseRelay(
             ("127.0.0.1", sa.make_url(ADMIN_URLS["postgresql"]).port or 5432)

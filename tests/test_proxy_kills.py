@@ -31,13 +31,12 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
-from consoled.store import Store, schema
-from consoled.store.engine import make_engine
+from consoled.store import Store
 from consoled.store.runner import InlineRunner
 from consoled.store.tables import serial_leases, sessions
 from tests import hypervisors
 from tests.daemon import start_consoled
-from tests.databases import fresh_database
+from tests.databases import fresh_database, upgraded_engine
 from tests.test_two_proxies import INSTANCE, Proxy, TwoProxiesMixin
 from tests.wsclient import ws_connect
 
@@ -58,9 +57,7 @@ class ProxyKillsTests(TestCase):
     @defer.inlineCallbacks
     def setUp(self) -> Any:
         url = fresh_database(self, "postgresql")
-        self.engine = make_engine(url)
-        self.addCleanup(self.engine.dispose)
-        schema.upgrade(self.engine)
+        self.engine = upgraded_engine(self, url)
         self.store = Store(self.engine, InlineRunner(), reactor)
         # (the two-proxies tests' start-up: ports of its own, touch 0.2 s, leases 1 s)
         self.proxies: list[Proxy] = yield defer.gatherResults(

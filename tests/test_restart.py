@@ -13,11 +13,11 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from consoled.store import Store, schema
-from consoled.store.engine import make_engine
+from consoled.store import Store
 from consoled.store.runner import InlineRunner
 from tests import hypervisors
 from tests.daemon import start_consoled, start_consoled_on_free_ports
+from tests.databases import upgraded_engine
 from tests.harness import INSTANCE
 from tests.wsclient import http_request, upgrade_request, ws_connect
 
@@ -30,9 +30,7 @@ class RestartTests(TestCase):
     @defer.inlineCallbacks
     def test_restarted_proxy_gives_back_its_own_lease_at_once(self) -> Any:
         url = "sqlite:///" + os.path.abspath(self.mktemp()) + ".sqlite"
-        engine = make_engine(url)
-        self.addCleanup(engine.dispose)
-        schema.upgrade(engine)
+        engine = upgraded_engine(self, url)
         store = Store(engine, InlineRunner(), reactor)
 
         def config_text(ports: list[int]) -> str:

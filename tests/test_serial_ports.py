@@ -11,7 +11,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from consoled.store import Store, schema
+from consoled.store import Store
 from consoled.store.engine import make_engine
 from consoled.store.runner import InlineRunner
 from consoled.store.serial_ports import (
@@ -22,7 +22,7 @@ from consoled.store.serial_ports import (
     tcp_probe,
 )
 from consoled.store.tables import serial_ports
-from tests.databases import fresh_database
+from tests.databases import fresh_database, upgraded_engine
 from tests.test_store import NOW, take_lease
 
 INSTANCE = "9b2c4f0e-3d1a-4c5b-8e7f-0a1b2c3d4e5f"
@@ -50,9 +50,7 @@ class SerialPortTestsMixin:
 
     def setUp(self: Any) -> None:
         self.url = fresh_database(self, self.backend)
-        self.engine = make_engine(self.url)
-        self.addCleanup(self.engine.dispose)
-        schema.upgrade(self.engine)
+        self.engine = upgraded_engine(self, self.url)
         self.clock = Clock()
         self.clock.advance(NOW)
         self.store = Store(self.engine, InlineRunner(), self.clock)

@@ -24,12 +24,12 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from consoled.endings import ANSWERS, Kind
-from consoled.store import Store, schema
-from consoled.store.engine import make_engine
+from consoled.store import Store
 from consoled.store.runner import InlineRunner
 from consoled.store.tables import serial_leases, sessions
 from tests import hypervisors
 from tests.daemon import start_consoled_on_free_ports
+from tests.databases import upgraded_engine
 from tests.harness import INSTANCE
 from tests.serialclient import terminal_connect
 from tests.wsclient import HOST, ws_connect
@@ -46,9 +46,7 @@ class SigtermTests(TestCase):
         """Ports closed before any session ends; 1012, the serial line, a closed XVP
         socket; every row ended as ``proxy shutting down``, no lease held."""
         url = "sqlite:///" + os.path.abspath(self.mktemp()) + ".sqlite"
-        engine = make_engine(url)
-        self.addCleanup(engine.dispose)
-        schema.upgrade(engine)
+        engine = upgraded_engine(self, url)
         store = Store(engine, InlineRunner(), reactor)
 
         def config_text(ports: list[int]) -> str:

@@ -13,12 +13,12 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from consoled.store import Store, schema
+from consoled.store import Store
 from consoled.store.engine import make_engine
 from consoled.store.runner import InlineRunner, ThreadRunner
 from consoled.store.tables import console_auth_tokens, sessions
 from consoled.tokens import hash_token
-from tests.databases import fresh_database
+from tests.databases import fresh_database, upgraded_engine
 from tests.test_policy import INFO
 
 NOW = 1_800_000_000
@@ -32,9 +32,7 @@ class StoreTestsMixin:
     backend: str
 
     def setUp(self: Any) -> None:
-        self.engine = make_engine(fresh_database(self, self.backend))
-        self.addCleanup(self.engine.dispose)
-        schema.upgrade(self.engine)
+        self.engine = upgraded_engine(self, fresh_database(self, self.backend))
         self.clock = Clock()
         self.clock.advance(NOW)
         self.store = Store(self.engine, InlineRunner(), self.clock)
@@ -294,9 +292,7 @@ class KeptConnectionTests(SynchronousTestCase):
 
     def checkouts(self, keep: bool) -> tuple[int, int]:
         """(pool checkouts, check-ins) for three look-ups and a stop."""
-        engine = make_engine(f"sqlite:///{os.path.abspath(self.mktemp())}.sqlite")
-        self.addCleanup(engine.dispose)
-        schema.upgrade(engine)
+        engine = upgraded_engine(self, f"sqlite:///{os.path.abspath(self.mktemp())}.sqlite")
         counted = {"checkout": 0, "checkin": 0}
         for name in counted:
             sa.event.listen(engine, name, lambda *a, n=name: counted.__setitem__(n, counted[n] + 1))
@@ -316,9 +312,7 @@ class KeptConnectionTests(SynchronousTestCase):
 
     def test_a_closed_kept_connection_is_replaced(self) -> None:
         """A kept connection that was closed (or invalidated) is not reused."""
-        engine = make_engine(f"sqlite:///{os.path.abspath(self.mktemp())}.sqlite")
-        self.addCleanup(engine.dispose)
-        schema.upgrade(engine)
+        engine = upgraded_engine(self, f"sqlite:///{os.path.abspath(self.mktemp())}.sqlite")
         store = Store(engine, InlineRunner(), Clock(), keep_connection=True)
         self.successResultOf(store.find_token("0" * 64))
         first = store._kept.connection
@@ -334,9 +328,7 @@ class LeaseTestsMixin:
     backend: str
 
     def setUp(self: Any) -> None:
-        self.engine = make_engine(fresh_database(self, self.backend))
-        self.addCleanup(self.engine.dispose)
-        schema.upgrade(self.engine)
+        self.engine = upgraded_engine(self, fresh_database(self, self.backend))
         self.clock = Clock()
         self.clock.advance(NOW)
         self.store = Store(self.engine, InlineRunner(), self.clock)
@@ -462,9 +454,7 @@ class MariaDBLeaseTests(LeaseTestsMixin, SynchronousTestCase):
 class RestartedProxyLeaseTests(SynchronousTestCase):
     def test_restarted_proxy_does_not_renew_a_dead_sessions_lease(self) -> None:
         """A proxy restarted under the same name renews only its live sessions' leases."""
-        engine = make_engine(fresh_database(self, "sqlite"))
-        self.addCleanup(engine.dispose)
-        schema.upgrade(engine)
+        engine = upgraded_engine(self, fresh_database(self, "sqlite"))
         clock = Clock()
         clock.advance(NOW)
         store = Store(engine, InlineRunner(), clock)

@@ -10,12 +10,12 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from consoled.store import Store, schema
-from consoled.store.engine import make_engine
+from consoled.store import Store
 from consoled.store.runner import InlineRunner
 from consoled.store.tables import sessions as sessions_table
 from tests import hypervisors
 from tests.daemon import start_consoled, write_config
+from tests.databases import upgraded_engine
 from tests.harness import INSTANCE
 from tests.peers import free_port
 from tests.wsclient import ws_connect
@@ -30,9 +30,7 @@ class WorkersTests(TestCase):
         from twisted.internet import reactor
 
         url = "sqlite:///" + os.path.abspath(self.mktemp()) + ".sqlite"
-        engine = make_engine(url)
-        self.addCleanup(engine.dispose)
-        schema.upgrade(engine)
+        engine = upgraded_engine(self, url)
         port = free_port()
         config = write_config(
             self,
