@@ -109,18 +109,11 @@ class ManagementTests(TestCase):
     @defer.inlineCallbacks
     def test_openstacksdk_validates_a_token(self) -> Any:
         """openstacksdk, as a real client (admin token, endpoint override, 2.99), looks a token up."""
-        import openstack
 
         issued = yield self.consoled.authorize("novnc", "192.0.2.5", 5901)
-        base = f"http://127.0.0.1:{self.port}/v2.1"
 
         def validate() -> Any:
-            connection = openstack.connect(
-                auth_type="admin_token",
-                auth={"token": KEY, "endpoint": base},
-                compute_endpoint_override=base,
-                compute_api_version="2.99",
-            )
+            connection = sdk(self.port)
             try:
                 return connection.compute.validate_console_auth_token(issued.token)
             finally:
@@ -194,7 +187,6 @@ class RemoteConsoleTests(TestCase):
 
     @defer.inlineCallbacks
     def test_openstacksdk_opens_a_novnc_console(self) -> Any:
-        import openstack
 
         from tests.peers import start_qemu_vnc
         from tests.rfb import rfb_handshake
@@ -202,15 +194,9 @@ class RemoteConsoleTests(TestCase):
         vnc = yield start_qemu_vnc(self)
         graphics = f"<graphics type='vnc' port='{vnc.port}' autoport='no' listen='{vnc.host}'/>"
         consoled, instance = yield self.consoled_for(graphics)
-        base = f"http://127.0.0.1:{consoled.port('api')}/v2.1"
 
         def create() -> Any:
-            connection = openstack.connect(
-                auth_type="admin_token",
-                auth={"token": KEY, "endpoint": base},
-                compute_endpoint_override=base,
-                compute_api_version="2.99",
-            )
+            connection = sdk(consoled.port("api"))
             try:
                 return connection.compute.create_console(instance, console_type="novnc")
             finally:
