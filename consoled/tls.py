@@ -428,11 +428,19 @@ def renew_bios(connection: SSL.Connection) -> bool:
     return True
 
 
-#: Where `ServerTLSProtocol._send_out` reads ciphertext (reactor thread only):
-#: a relayed chunk is at most 256 KiB (consoled.backends.tcp.READ_SIZE).
-_OUT = bytearray(512 * 1024)
-_OUT_VIEW = memoryview(_OUT)
-_OUT_POINTER = _ffi.from_buffer(_OUT)
+class _Ciphertext:
+    """Where `ServerTLSProtocol._send_out` reads ciphertext (reactor thread only):
+    a relayed chunk is at most 256 KiB (consoled.backends.tcp.READ_SIZE).  One
+    per process, made by the first TLS door's factory: a process without TLS
+    doors never holds its half MiB."""
+
+    SIZE = 512 * 1024
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(self.SIZE)
+        self.view = memoryview(self.buffer)
+        self.pointer = _ffi.from_buffer(self.buffer)
+
 
 #: A write or read larger than this grows a session's memory BIOs past what
 #: an idle session should keep (`ServerTLSFactory.grew`).
@@ -472,6 +480,9 @@ class ServerTLSProtocol(TLSMemoryBIOProtocol):
     """
 
     factory: ServerTLSFactory
+
+    #: the process's one ciphertext buffer, made by the first ServerTLSFactory
+    ciphertext: _Ciphertext | None = None
 
     def _checkHandshakeStatus(self) -> None:
         done = self._handshakeDone
@@ -556,22 +567,23 @@ class ServerTLSProtocol(TLSMemoryBIOProtocol):
     def _send_out(self, size: int) -> None:
         """Everything in the send BIO to the transport, read ``size`` bytes at a time.
 
-        Up to `_OUT`'s size it is read straight into that one buffer and handed
+        Up to `_Ciphertext.SIZE` it is read straight into that one buffer and handed
         to the kernel from there (pyOpenSSL's ``bio_read`` copies twice, into
         a fresh buffer and then into bytes): a copy of every relayed byte and
         an allocation of its size fewer.  The buffer is the reactor thread's
         alone, and write_now copies out whatever it must queue.
         """
         out = getattr(self._tlsConnection, "_from_ssl", None)
-        if out is not None and size <= len(_OUT):
-            n = _lib.BIO_read(out, _OUT_POINTER, len(_OUT))
-            if 0 < n < len(_OUT):
-                write_now(self.transport, _OUT_VIEW[:n])
+        into = self.ciphertext
+        if out is not None and into is not None and size <= into.SIZE:
+            n = _lib.BIO_read(out, into.pointer, into.SIZE)
+            if 0 < n < into.SIZE:
+                write_now(self.transport, into.view[:n])
                 return
             if n <= 0:
                 return  # nothing to send
             # a full buffer: there may be more; it goes the general way
-            write_now(self.transport, bytes(_OUT_VIEW))
+            write_now(self.transport, bytes(into.view))
         read = self._tlsConnection.bio_read
         chunks: list[bytes] = []
         try:
@@ -643,6 +655,8 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
     ) -> None:
         super().__init__(tls, False, wrapped)
         self.alpn = tuple(alpn)
+        if ServerTLSProtocol.ciphertext is None:
+            ServerTLSProtocol.ciphertext = _Ciphertext()
         #: handshakes in flight, and the most at once since the heap was last given back
         self.handshaking = self.burst = 0
         #: sessions whose BIOs grew past GROWN, and when they last did (see grew)
