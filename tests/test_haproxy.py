@@ -31,7 +31,7 @@ from tests import hypervisors
 from tests.daemon import CHECKOUT, ENV, Twistd, start_consoled_on_free_ports
 from tests.databases import fresh_database, upgraded_engine
 from tests.peers import free_port, require_executable
-from tests.test_two_proxies import _hang_up, _later, proxy_config
+from tests.test_two_proxies import _hang_up, _later, proxy_config, wait_until
 from tests.wsclient import StreamClient, upgrade_request
 
 log = Logger()
@@ -121,7 +121,7 @@ class HAProxyTests(TestCase):
             probes = [self.probe(port) for port in (self.novnc_port, self.serial_port)]
             return defer.gatherResults(probes).addCallback(all)
 
-        yield self.wait_until(accepting, timeout=10, every=0.05)
+        yield wait_until(self, accepting, timeout=10, every=0.05)
 
     @defer.inlineCallbacks
     def probe(self, port: int) -> Any:
@@ -135,16 +135,6 @@ class HAProxyTests(TestCase):
             return False
         client.transport.abortConnection()
         return True
-
-    @defer.inlineCallbacks
-    def wait_until(self, condition: Any, timeout: float = 5, every: float = 0.05) -> Any:
-        """Poll ``condition()`` (a Deferred of a truth) until true; fail after ``timeout``."""
-        deadline = reactor.seconds() + timeout
-        while not (result := (yield condition())):
-            if reactor.seconds() > deadline:
-                self.fail(f"still false after {timeout}s")
-            yield _later(every)
-        return result
 
     @defer.inlineCallbacks
     def token(self, console_type: str, console_port: int) -> Any:
@@ -192,8 +182,8 @@ class HAProxyTests(TestCase):
 
     def one_live_session(self) -> defer.Deferred[dict[str, Any]]:
         """The one live session row, once written (the row follows the relay's start)."""
-        rows = self.wait_until(
-            lambda: self.live_sessions().addCallback(lambda r: len(r) == 1 and r)
+        rows = wait_until(
+            self, lambda: self.live_sessions().addCallback(lambda r: len(r) == 1 and r)
         )
         return rows.addCallback(lambda rows: rows[0])
 
@@ -223,7 +213,7 @@ class HAProxyTests(TestCase):
             output = self.a.process.output + self.b.process.output
             return defer.succeed(refused in output)
 
-        yield self.wait_until(said)
+        yield wait_until(self, said)
 
     @defer.inlineCallbacks
     def test_connection_without_header_is_refused(self) -> Any:
@@ -288,7 +278,7 @@ class HAProxyTests(TestCase):
                 )
             )
 
-        yield self.wait_until(served_by_survivor)
+        yield wait_until(self, served_by_survivor)
 
     @defer.inlineCallbacks
     def test_serial_port_moves_within_one_lease_after_kill_9(self) -> Any:

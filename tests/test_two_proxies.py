@@ -66,6 +66,18 @@ def _later(seconds: float) -> defer.Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 
 
+@defer.inlineCallbacks
+def wait_until(testcase: Any, condition: Any, timeout: float = 5, every: float = 0.05) -> Any:
+    """Poll ``condition()`` (a Deferred of a truth) until true; fail ``testcase``
+    after ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout
+    while not (result := (yield condition())):
+        if reactor.seconds() > deadline:
+            testcase.fail(f"still false after {timeout}s")
+        yield _later(every)
+    return result
+
+
 def _hang_up(client: StreamClient) -> Any:
     if client.closed.called:
         return None
@@ -137,16 +149,6 @@ class TwoProxiesMixin:
         self.assertEqual(code, 0, (out + err).decode(errors="replace"))
         return out.decode()
 
-    @defer.inlineCallbacks
-    def wait_until(self, condition: Any, timeout: float = 5, every: float = 0.05) -> Any:
-        """Poll ``condition()`` (a Deferred of a truth) until true; fail after ``timeout``."""
-        deadline = reactor.seconds() + timeout
-        while not (result := (yield condition())):
-            if reactor.seconds() > deadline:
-                self.fail(f"still false after {timeout}s")
-            yield _later(every)
-        return result
-
     def live_sessions(self) -> defer.Deferred[list[dict[str, Any]]]:
         return self.store.list_sessions(live=True)
 
@@ -199,7 +201,7 @@ class TwoProxiesMixin:
         yield self.a.process.when_logged(b"kicked by an operator: maintenance")
 
         # A ends the row (and drops the lease) just after it closes the websocket.
-        yield self.wait_until(lambda: self.live_sessions().addCallback(lambda rows: not rows))
+        yield wait_until(self, lambda: self.live_sessions().addCallback(lambda rows: not rows))
         ended = yield self.session_row(int(session_id))
         self.assertEqual(ended["end_reason"], "disconnected by an operator: maintenance")
         second = yield self.connect(self.b, qemu.port)
@@ -232,7 +234,7 @@ class TwoProxiesMixin:
             status, body = yield self.upgrade_status(self.b, echo.port)
             return (status, body) if status != 409 else None
 
-        status, body = yield self.wait_until(free, timeout=5, every=0.1)
+        status, body = yield wait_until(self, free, timeout=5, every=0.1)
         waited = reactor.seconds() - killed_at
         self.assertEqual(status, 101, body)
         self.assertGreaterEqual(waited, LEASE_SECONDS - TOUCH_INTERVAL - 0.05)
@@ -241,7 +243,7 @@ class TwoProxiesMixin:
             d = self.session_row(held["id"])
             return d.addCallback(lambda row: row["ended_at"] is not None)
 
-        yield self.wait_until(lost, timeout=5, every=0.05)
+        yield wait_until(self, lost, timeout=5, every=0.05)
         row = yield self.session_row(held["id"])
         self.assertEqual(row["end_reason"], "proxy lost: no touch")
         # Within two touch periods of the kill (the row's end is stamped by B's
