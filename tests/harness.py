@@ -8,6 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from consoled.config import Settings
@@ -107,3 +108,20 @@ class Consoled:
     def wait_sessions_ended(self) -> defer.Deferred[None]:
         """Fires once every live session's row has been ended."""
         return self.sessions.settled()
+
+    @defer.inlineCallbacks
+    def wait_doors_idle(self, timeout: float = 10) -> Any:
+        """Fires once no door holds a connection: each has read its client's last
+        bytes (a token line sent just before a reset starts an admission) and
+        its end.  A client's own close comes before that; sessions.settled()
+        knows only the admissions already under way."""
+        factories = [
+            service.port.factory
+            for service in self.top
+            if isinstance(service, DoorService) and service.port is not None
+        ]
+        deadline = reactor.seconds() + timeout
+        while any(getattr(factory, "open", None) for factory in factories):
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"doors still hold connections after {timeout}s")
+            yield deferLater(reactor, 0.01, lambda: None)

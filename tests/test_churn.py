@@ -196,6 +196,7 @@ class SerialChurnTests(TestCase):
             for n, door in enumerate(["serial", "serial-tcp"] * LANES)
         ]
         yield defer.gatherResults(lanes, consumeErrors=True)
+        yield self.consoled.wait_doors_idle()
         yield self.consoled.wait_sessions_ended()
         # A turn of the reactor for timers due now (a reset's last callbacks).
         yield defer.Deferred.fromCoroutine(_turn())
