@@ -227,6 +227,42 @@ class ThreadRunnerTests(TestCase):
         yield stopped
         self.assertEqual(results, ["done"])
 
+    def test_results_finished_together_come_back_in_one_wake_up(self) -> None:
+        """Results finished while a delivery is pending ride with it: one
+        callFromThread for many units (the set-up storm's look-ups and rows)."""
+        import threading
+
+        class Reactor:
+            def __init__(self) -> None:
+                self.calls: list[Any] = []
+
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                self.calls.append((f, args))
+
+        fake = Reactor()
+        runner = ThreadRunner(fake, 1)  # type: ignore[arg-type]
+        go, done = threading.Event(), threading.Event()
+        results: list[int] = []
+        first = runner.run(go.wait, 10)
+        units = [runner.run(lambda n=n: n) for n in range(10)]
+        last = runner.run(done.set)
+        go.set()
+        self.assertTrue(done.wait(10))
+        for d in units:
+            d.addCallback(results.append)
+        self.assertEqual(len(fake.calls), 1)  # the first result's; the rest waited for it
+        f, args = fake.calls.pop()
+        f(*args)
+        self.assertEqual(results, list(range(10)))
+        self.assertTrue(first.called)
+        # done.set's own result may finish after that delivery: a second wake-up.
+        runner._work.put(None)
+        runner._threads[0].join(10)
+        while fake.calls:
+            f, args = fake.calls.pop()
+            f(*args)
+        self.assertTrue(last.called)
+
 
 class StoreThreadsTests(SynchronousTestCase):
     """How many database threads open_store gives the daemon's store."""
@@ -238,7 +274,7 @@ class StoreThreadsTests(SynchronousTestCase):
         self.addCleanup(store.engine.dispose)
         runner = store._runner._runner  # the breaker's ThreadRunner
         assert isinstance(runner, ThreadRunner)
-        return int(runner._pool.max)
+        return runner._size
 
     def test_sqlite_gets_one_writer_thread(self) -> None:
         """SQLite: one thread, whatever db_threads says (a second only waits
