@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from consoled.store import Store
 from consoled.store.engine import make_engine
 from consoled.store.runner import InlineRunner, ThreadRunner
-from consoled.store.tables import console_auth_tokens, sessions
+from consoled.store.tables import console_auth_tokens, serial_leases, sessions
 from consoled.tokens import hash_token
 from tests.databases import fresh_database, upgraded_engine
 from tests.test_policy import INFO
@@ -368,6 +368,16 @@ class LeaseTestsMixin:
             sorted(rows), [(first, "192.0.2.1", "writer"), (second, "192.0.2.2", "writer")]
         )
 
+    def test_holder_gone_before_it_is_named(self: Any) -> None:
+        """A lease released between a taker's failed insert and its look-up of
+        the holder is taken on the next try, not answered "held" by nobody."""
+        self.assertIsNone(self.acquire(1))
+        self.store.engine = _ReleasedBeforeLookUp(self.engine)
+        self.assertIsNone(self.acquire(2, proxy="b"))
+        self.assertEqual(self.store.engine.released, 1)
+        self.store.engine = self.engine
+        self.assertEqual(self.acquire(3)["session_id"], 2)
+
     def test_lapsed_lease_is_taken_over(self: Any) -> None:
         """A lease not renewed within its period (a proxy that died) is free again."""
         self.assertIsNone(self.acquire(1))
@@ -437,6 +447,25 @@ class LeaseTestsMixin:
         self.assertEqual(len(results), 8, results)
         winners = [r for r in results if r is None]
         self.assertEqual(len(winners), 1, results)
+
+
+class _ReleasedBeforeLookUp:
+    """An engine whose first ``connect()`` (a taker looking up the holder)
+    finds the lease just released, as by a session ending on another thread."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.released = 0
+
+    def begin(self) -> Any:
+        return self.engine.begin()
+
+    def connect(self) -> Any:
+        if not self.released:
+            self.released += 1
+            with self.engine.begin() as connection:
+                connection.execute(serial_leases.delete())
+        return self.engine.connect()
 
 
 class SQLiteLeaseTests(LeaseTestsMixin, SynchronousTestCase):

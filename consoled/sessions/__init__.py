@@ -204,6 +204,18 @@ class Sessions(Seats, Service):
 
                 return _within(ending, LOCAL_HOLDER_GRACE, self._clock).addCallback(retry)
             since = readable_utc(holder["acquired_at"])
+            # The holder, for the operator who would force it off (never shown to the user).
+            log.info(
+                "serial port {host}:{port} is held by session {holder} of {proxy}"
+                " since {since} (session {session_id} refused{retried})",
+                host=info.host,
+                port=info.port,
+                holder=holder.get("session_id"),
+                proxy=holder.get("proxy"),
+                since=since,
+                session_id=session_id,
+                retried=", after waiting for it" if again else "",
+            )
             refusal = Refusal(Kind.PORT_BUSY, f"held since {since}", info.hash_prefix)
             ended = self._store.end_session(
                 session_id, reason=str(refusal.ending), bytes_to_client=0, bytes_to_server=0
