@@ -1,6 +1,7 @@
 """Instructions per one-byte round trip, counted by callgrind: a figure noise cannot move.
 
     python benchmarks/instructions.py [--round-trips 2000] [--targets bare-python,consoled,...]
+    python benchmarks/instructions.py --setups 300 [--in-flight 25] --targets bare-autobahn,consoled
 
 Wall-clock latency on this VM moves by 20-40 % between runs, so a change
 worth a few microseconds cannot be told from noise there.  This runs each
@@ -13,6 +14,16 @@ and to websocat, all measured in the same run.  Kernel work (the system
 calls themselves) is not counted; it is the same for every proxy.  One run
 takes a few minutes: everything runs about fifty times slower under valgrind.
 
+With ``--setups N`` it counts sessions instead: N sessions against the
+greeter (the set-up step's backend), ``--in-flight`` at a time, each
+opened, read to its first console byte and closed, and the proxy's
+instructions for all of it (its database threads too, and each session's
+end, counted until the proxy's CPU time stops moving) divided by N: what
+one session of a reconnect storm costs, beside the bare Autobahn relay
+that is its floor.  Each thread's share is printed too: the database
+threads' instructions run beside the reactor's, and hand the GIL back and
+forth with it.
+
 Needs valgrind (Debian's ``valgrind``; ``scripts/setup --test`` installs it).
 """
 
@@ -24,20 +35,46 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import client
-from peers import ConsoledSetup, Target, backends, proxy, websocat_binary
+from peers import (
+    ConsoledSetup,
+    Target,
+    backends,
+    cpu_seconds,
+    proxy,
+    raise_fd_limit,
+    websocat_binary,
+)
+from swarm import open_sessions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP = 200
-TARGETS = ("bare-python", "consoled", "consoled-xvp", "consoled-serial", "websocat")
+TARGETS = (
+    "bare-python",
+    "bare-autobahn",
+    "consoled",
+    "consoled-xvp",
+    "consoled-serial",
+    "websocat",
+)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--round-trips", type=int, default=2000)
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument(
+        "--setups", type=int, default=0, help="count per session set-up, not per round trip"
+    )
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=25,
+        help="sessions opening at once (at 100, valgrind's 50x slowdown trips the store's breaker)",
+    )
     return parser.parse_args()
 
 
@@ -45,23 +82,44 @@ def _control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
 
 
-def count(name: str, echo_port: int, workdir: Path, setup: ConsoledSetup, trips: int) -> float:
-    """Instructions per round trip of one proxy, counted only during the measured trips."""
+def count(
+    name: str,
+    port: int,
+    workdir: Path,
+    setup: ConsoledSetup,
+    trips: int,
+    in_flight: int = 0,
+) -> tuple[float, list[float]]:
+    """Instructions per round trip of one proxy, counted only during the measured trips,
+    and each thread's share (largest first).
+
+    With ``in_flight``: per session set-up instead, ``trips`` sessions.
+    """
     out = workdir / f"callgrind-{name}.out"
     for old in glob.glob(f"{out}*"):
         Path(old).unlink()
-    wrapper = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
-    with proxy(name, echo_port, workdir, setup, None, wrapper=wrapper, start_timeout=300) as target:
+    wrapper = (
+        "valgrind",
+        "--tool=callgrind",
+        "--separate-threads=yes",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+    )
+    with proxy(name, port, workdir, setup, None, wrapper=wrapper, start_timeout=300) as target:
         assert target.pid is not None
-        _counted(target, trips, str(target.pid))
-    totals = []
+        if in_flight:
+            _counted_sessions(target, trips, in_flight, str(target.pid))
+        else:
+            _counted(target, trips, str(target.pid))
+    # One file per dump and thread; the counted dump is the one with instructions.
+    threads = []
     for path in glob.glob(f"{out}.*"):
         for line in Path(path).read_text(errors="replace").splitlines():
-            if line.startswith("totals:"):
-                totals.append(int(line.split()[1]))
-    if not totals:
+            if line.startswith("totals:") and int(line.split()[1]):
+                threads.append(int(line.split()[1]) / trips)
+    if not threads:
         raise RuntimeError(f"callgrind wrote no totals for {name}: see {workdir}")
-    return max(totals) / trips
+    return sum(threads), sorted(threads, reverse=True)
 
 
 def _counted(target: Target, trips: int, pid: str) -> None:
@@ -80,6 +138,33 @@ def _counted(target: Target, trips: int, pid: str) -> None:
     )
 
 
+def _counted_sessions(target: Target, sessions: int, in_flight: int, pid: str) -> None:
+    """Warm-up sessions, then ``sessions`` counted ones, each to its first byte and closed."""
+    warm = open_sessions(target, WARMUP, in_flight)
+    if warm.failures:
+        raise RuntimeError(f"{target.name}: warm-up sessions failed: {warm.failures}")
+    _settle(target)
+    _control("-i", "on", pid)
+    opened = open_sessions(target, sessions, in_flight)
+    if opened.failures:
+        raise RuntimeError(f"{target.name}: sessions failed: {opened.failures}")
+    _settle(target)  # each session's end (rows, log lines) is part of its cost
+    _control("-i", "off", pid)
+    _control("-d", pid)
+
+
+def _settle(target: Target) -> None:
+    """Until the proxy's CPU time stops moving for half a second (its work is done)."""
+    assert target.pid is not None
+    before = cpu_seconds(target.pid)
+    while True:
+        time.sleep(0.5)
+        now = cpu_seconds(target.pid)
+        if now == before:
+            return
+        before = now
+
+
 def main() -> None:
     args = parse_args()
     if shutil.which("valgrind") is None:
@@ -93,12 +178,24 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     per_trip: dict[str, float] = {}
+    per_thread: dict[str, list[float]] = {}
+    if args.setups:
+        raise_fd_limit()
     with backends(workdir, None, source_bytes=1 << 20, sink_bytes=1 << 20) as ports:
         setup = ConsoledSetup(workdir)
         for name in names:
             print(f"  {name} under callgrind ...", file=sys.stderr, flush=True)
-            per_trip[name] = count(name, ports["echo"], workdir, setup, args.round_trips)
+            if args.setups:
+                per_trip[name], per_thread[name] = count(
+                    name, ports["greeter"], workdir, setup, args.setups, args.in_flight
+                )
+                print(f"    {per_trip[name]:,.0f} instructions per session", file=sys.stderr)
+                continue
+            per_trip[name], _ = count(name, ports["echo"], workdir, setup, args.round_trips)
             print(f"    {per_trip[name]:,.0f} instructions per round trip", file=sys.stderr)
+    if args.setups:
+        _report_sessions(per_trip, per_thread, args.setups, args.in_flight, notes)
+        return
     print(f"instructions per 1-byte round trip ({args.round_trips:,} counted), user space")
     print(f"{'target':18}{'instructions':>14}{'× bare-python':>16}{'× websocat':>13}")
     for name, value in per_trip.items():
@@ -111,6 +208,31 @@ def main() -> None:
         print(f"note: {note}")
     report = {"round_trips": args.round_trips, "instructions_per_round_trip": per_trip}
     (RESULTS / "instructions.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _report_sessions(
+    per_session: dict[str, float],
+    per_thread: dict[str, list[float]],
+    sessions: int,
+    in_flight: int,
+    notes: list[str],
+) -> None:
+    print(f"instructions per session ({sessions:,} counted, {in_flight} in flight), user space")
+    print(f"{'target':18}{'instructions':>14}{'× bare-autobahn':>18}  by thread")
+    floor = per_session.get("bare-autobahn")
+    for name, value in per_session.items():
+        ratio = f"{value / floor:.2f}" if floor else "—"
+        threads = " + ".join(f"{share:,.0f}" for share in per_thread[name])
+        print(f"{name:18}{value:>14,.0f}{ratio:>18}  {threads}")
+    for note in notes:
+        print(f"note: {note}")
+    report = {
+        "sessions": sessions,
+        "in_flight": in_flight,
+        "instructions_per_session": per_session,
+        "instructions_per_session_by_thread": per_thread,
+    }
+    (RESULTS / "instructions-setup.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
