@@ -12,14 +12,32 @@ from typing import Any
 import sqlalchemy as sa
 from twisted.internet import defer
 
+from consoled.store.direct import Direct
 from consoled.store.runner import StorePart
 from consoled.store.tables import serial_leases as leases_table
 from consoled.store.tables import sessions as sessions_table
 from consoled.tokens import ConnectInfo
 
 # The statements of every session's start and end, built once: building
-# Core statements per call cost about three times executing them.
-_INSERT_SESSION = sessions_table.insert()
+# Core statements per call cost about three times executing them.  They run
+# on the driver's cursor (consoled/store/direct.py).
+_SESSION_COLUMNS = (
+    "instance_uuid",
+    "console_type",
+    "host",
+    "port",
+    "token_hash_prefix",
+    "door",
+    "client_address",
+    "mode",
+    "proxy",
+    "started_at",
+    "touched_at",
+)
+_INSERT_SESSION = Direct(
+    sessions_table.insert().values({name: sa.bindparam(name) for name in _SESSION_COLUMNS}),
+    id_column=sessions_table.c.id,
+)
 _END_SESSION = (
     sessions_table.update()
     .where(sessions_table.c.id == sa.bindparam("session_id"), sessions_table.c.ended_at.is_(None))
@@ -31,6 +49,7 @@ _END_SESSION = (
         bytes_to_server=sa.bindparam("to_server"),
     )
 )
+_END_SESSION_DIRECT = Direct(_END_SESSION)
 _RELEASE_LEASE = leases_table.delete().where(
     leases_table.c.session_id == sa.bindparam("session_id")
 )
@@ -65,7 +84,7 @@ def _session_values(
 
 
 def _insert_session(connection: sa.Connection, values: dict[str, Any]) -> int:
-    return int(connection.execute(_INSERT_SESSION, values).inserted_primary_key[0])
+    return _INSERT_SESSION.insert_id(connection, values)
 
 
 def _lease_values(
@@ -237,7 +256,7 @@ class SessionRows(StorePart):
         }
 
         def end(connection: sa.Connection) -> None:
-            connection.execute(_END_SESSION, values)
+            _END_SESSION_DIRECT.rowcount(connection, values)
             if release_lease:
                 connection.execute(_RELEASE_LEASE, values)
 

@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from twisted.internet import defer
 
+from consoled.store.direct import Direct
 from consoled.store.runner import StorePart
 from consoled.store.tables import console_auth_tokens as tokens_table
 from consoled.tokens import ConnectInfo, IssuedToken, hash_token, new_token
@@ -24,10 +25,6 @@ _TOKEN_COLUMNS = (
     tokens_table.c.access_url_base,
     tokens_table.c.expires,
 )
-
-
-def _connect_info(row: sa.Row[Any]) -> ConnectInfo:
-    return ConnectInfo(**row._asdict())
 
 
 def _connect_info(row: sa.Row[Any]) -> ConnectInfo:
@@ -146,9 +143,13 @@ _VALID = sa.select(*_TOKEN_COLUMNS).where(
 )
 
 
+_VALID_DIRECT = Direct(_VALID)
+_VALID_NAMES = tuple(column.name for column in _TOKEN_COLUMNS)
+
+
 def _select_valid(connection: sa.Connection, token_hash: str, now: int) -> ConnectInfo | None:
-    row = connection.execute(_VALID, {"token_hash": token_hash, "now": now}).first()
-    return None if row is None else _connect_info(row)
+    row = _VALID_DIRECT.first(connection, {"token_hash": token_hash, "now": now})
+    return None if row is None else ConnectInfo(**dict(zip(_VALID_NAMES, row, strict=True)))
 
 
 def _first_connect_info(connection: sa.Connection, query: sa.Select[Any]) -> ConnectInfo | None:
