@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from consoled.store import Store
 from consoled.store.engine import make_engine
@@ -209,19 +209,6 @@ class ThreadRunnerTests(TestCase):
         main = threading.get_ident()
         d = runner.run(lambda: threading.get_ident() != main)
         return d.addCallback(self.assertTrue)
-
-    def test_database_threads_do_not_preempt_the_reactor(self) -> None:
-        """On Linux a database thread runs under SCHED_BATCH (a wake-up does
-        not preempt the reactor's thread); the reactor's own thread does not."""
-        if not hasattr(os, "SCHED_BATCH"):
-            raise SkipTest("SCHED_BATCH is Linux's")
-        runner = ThreadRunner(reactor, 1)
-        runner.start()
-        self.addCleanup(runner.stop)
-        self.assertEqual(os.sched_getscheduler(0), os.SCHED_OTHER)
-        d = runner.run(os.sched_getscheduler, 0)
-        d.addCallback(self.assertEqual, os.SCHED_BATCH)
-        return d.addCallback(lambda _: self.assertEqual(os.sched_getscheduler(0), os.SCHED_OTHER))
 
     @defer.inlineCallbacks
     def test_stop_waits_for_calls_in_flight(self) -> Any:

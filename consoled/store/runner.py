@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -87,7 +86,6 @@ class ThreadRunner:
 
     def _serve(self) -> None:
         """A database thread: run units until told to stop (None)."""
-        _behind_the_reactor()
         while True:
             with self._lock:
                 self._idle += 1
@@ -127,28 +125,6 @@ class ThreadRunner:
             self._work.put(None)
         for thread in threads:
             thread.join()  # idle by now: each takes its None at once
-
-
-def _behind_the_reactor() -> None:
-    """Put the calling database thread under Linux's ``SCHED_BATCH`` policy.
-
-    A database thread woken by new work used to preempt the reactor's
-    thread at once, only to find the GIL held by it and sleep again: with
-    100 set-ups in flight, 5.6 such wasted switches a session, each pair of
-    switches also costing the reactor's caches.  Under ``SCHED_BATCH`` the
-    thread gets the same share of the CPU, but a wake-up does not preempt:
-    it runs when the reactor's thread waits (in epoll, the GIL released) or
-    its time slice ends.  Interleaved A/B, 100 in flight, 6 pairs: 701 ->
-    797 sessions/s, 1,360 -> 1,169 µs of proxy CPU a session, sequential
-    set-up p50 3.04 -> 2.60 ms (issue 16).  Elsewhere than Linux: nothing.
-    """
-    policy = getattr(os, "SCHED_BATCH", None)
-    if policy is None:
-        return
-    try:
-        os.sched_setscheduler(0, policy, os.sched_param(0))  # 0: this thread, on Linux
-    except OSError as error:  # a seccomp'd container, say: the default policy then
-        log.debug("database thread left under the default policy: {error}", error=error)
 
 
 class InlineRunner:
