@@ -2,6 +2,7 @@
 
     python benchmarks/instructions.py [--round-trips 2000] [--targets bare-python,consoled,...]
     python benchmarks/instructions.py --setups 300 [--in-flight 25] --targets bare-autobahn,consoled
+    python benchmarks/instructions.py --setups 200 --targets consoled --tls rsa,ec
 
 Wall-clock latency on this VM moves by 20-40 % between runs, so a change
 worth a few microseconds cannot be told from noise there.  This runs each
@@ -20,7 +21,10 @@ opened, read to its first console byte and closed, and the proxy's
 instructions for all of it (its database threads too, and each session's
 end, counted until the proxy's CPU time stops moving) divided by N: what
 one session of a reconnect storm costs, beside the bare Autobahn relay
-that is its floor.  Each thread's share is printed too: the database
+that is its floor.  ``--tls rsa,ec`` adds each over ``wss://``
+(``consoled+rsa``) beside ``direct+rsa``, the TLS server alone (set-up
+ends at the first byte, so it is the TLS handshake and the greeting).
+Each thread's share is printed too: the database
 threads' instructions run beside the reactor's, and hand the GIL back and
 forth with it.
 
@@ -40,10 +44,12 @@ from pathlib import Path
 
 import client
 from peers import (
+    Certificate,
     ConsoledSetup,
     Target,
     backends,
     cpu_seconds,
+    make_certificate,
     proxy,
     raise_fd_limit,
     websocat_binary,
@@ -70,6 +76,11 @@ def parse_args() -> argparse.Namespace:
         "--setups", type=int, default=0, help="count per session set-up, not per round trip"
     )
     parser.add_argument(
+        "--tls",
+        default="",
+        help="with --setups: also each target over wss:// with these certificates (rsa,ec)",
+    )
+    parser.add_argument(
         "--in-flight",
         type=int,
         default=25,
@@ -89,6 +100,7 @@ def count(
     setup: ConsoledSetup,
     trips: int,
     in_flight: int = 0,
+    certificates: dict[str, Certificate] | None = None,
 ) -> tuple[float, list[float]]:
     """Instructions per round trip of one proxy, counted only during the measured trips,
     and each thread's share (largest first).
@@ -105,7 +117,17 @@ def count(
         "--instr-atstart=no",
         f"--callgrind-out-file={out}",
     )
-    with proxy(name, port, workdir, setup, None, wrapper=wrapper, start_timeout=300) as target:
+    with proxy(
+        name,
+        port,
+        workdir,
+        setup,
+        None,
+        wrapper=wrapper,
+        start_timeout=300,
+        certificates=certificates,
+        behaviour=("greeter", 0),
+    ) as target:
         assert target.pid is not None
         if in_flight:
             _counted_sessions(target, trips, in_flight, str(target.pid))
@@ -170,6 +192,9 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("instructions.py needs valgrind (apt-get install valgrind)")
     names = [t for t in TARGETS if t in args.targets.split(",")]
+    kinds = [k for k in args.tls.split(",") if k] if args.setups else []
+    # A TLS column per target that serves TLS ("direct+rsa" is the TLS server alone).
+    names += [f"{t}+{k}" for k in kinds for t in ("direct", *names) if t in ("direct", "consoled")]
     notes = []
     if "websocat" in names and websocat_binary() is None:
         names.remove("websocat")
@@ -181,13 +206,20 @@ def main() -> None:
     per_thread: dict[str, list[float]] = {}
     if args.setups:
         raise_fd_limit()
+    certificates = {kind: make_certificate(workdir, kind) for kind in kinds}
     with backends(workdir, None, source_bytes=1 << 20, sink_bytes=1 << 20) as ports:
         setup = ConsoledSetup(workdir)
         for name in names:
             print(f"  {name} under callgrind ...", file=sys.stderr, flush=True)
             if args.setups:
                 per_trip[name], per_thread[name] = count(
-                    name, ports["greeter"], workdir, setup, args.setups, args.in_flight
+                    name,
+                    ports["greeter"],
+                    workdir,
+                    setup,
+                    args.setups,
+                    args.in_flight,
+                    certificates,
                 )
                 print(f"    {per_trip[name]:,.0f} instructions per session", file=sys.stderr)
                 continue

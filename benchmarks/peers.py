@@ -575,6 +575,8 @@ def proxy(
             cpus,
             workers,
             behaviour,
+            wrapper,
+            start_timeout,
         ) as target:
             yield target
         return
@@ -642,6 +644,8 @@ def _tls_proxy(
     cpus: set[int] | None,
     workers: int,
     behaviour: tuple[str, int] | None,
+    wrapper: tuple[str, ...] = (),
+    start_timeout: float = 30,
 ) -> Iterator[Target]:
     port = free_port()
     path, env, websocket = "/", {}, True
@@ -672,6 +676,7 @@ def _tls_proxy(
         argv += [f"wss-listen:127.0.0.1:{port}", f"tcp:{backend}"]
     else:
         raise ValueError(f"{name}: no TLS variant of {base}")
+    argv = [*wrapper, *argv]
     with running(argv, workdir / f"{name}.log", cpus=cpus, env=env, cwd=workdir) as process:
-        wait_listening(port, process, name)
+        wait_listening(port, process, name, start_timeout)
         yield Target(name, port, path, websocket=websocket, pid=process.pid, tls=client_context())
