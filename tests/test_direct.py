@@ -32,10 +32,7 @@ VALUES = {
     "started_at": 1_700_000_000.25,
     "touched_at": 1_700_000_000.25,
 }
-INSERT = Direct(
-    sessions.insert().values({name: sa.bindparam(name) for name in VALUES}),
-    id_column=sessions.c.id,
-)
+INSERT = Direct(sessions.insert(), id_column=sessions.c.id)
 SELECT = Direct(
     sa.select(sessions.c.id, sessions.c.host, sessions.c.started_at).where(
         sessions.c.id == sa.bindparam("session_id")
@@ -46,14 +43,7 @@ END = Direct(
     .where(sessions.c.id == sa.bindparam("session_id"), sessions.c.ended_at.is_(None))
     .values(ended_at=sa.bindparam("now"), end_reason=sa.bindparam("reason"))
 )
-LEASE = Direct(
-    serial_leases.insert().values(
-        {
-            name: sa.bindparam(name)
-            for name in ("host", "port", "session_id", "proxy", "acquired_at", "expires_at")
-        }
-    )
-)
+LEASE = Direct(serial_leases.insert())
 SECRET = "c1c6edbcf7abfccc9a62affc73b1e3e3debf2270af1ac69246f42ca548b1caba"
 
 
@@ -85,6 +75,13 @@ class DirectTestsMixin:
         self.assertEqual(
             sorted(rows), [(first, 1_700_000_001.5, "client left"), (second, None, None)]
         )
+
+    def test_insert_of_other_columns_is_refused(self: Any) -> None:
+        """An INSERT without values inserts its first call's columns; a call
+        naming others is refused, not run with the wrong SQL."""
+        INSERT.insert_id(self.connection, VALUES)
+        fewer = {k: v for k, v in VALUES.items() if k != "mode"}
+        self.assertRaises(ValueError, INSERT.insert_id, self.connection, fewer)
 
     def test_inside_a_transaction(self: Any) -> None:
         """On a connection in a transaction the statement is part of it: rolled back with it."""

@@ -43,6 +43,8 @@ class _Compiled:
     processors: dict[str, Callable[[Any], Any]]
     #: whether the INSERT reads its generated key from RETURNING
     returning: bool
+    #: an INSERT of the columns its parameters name: their names, in order
+    columns: tuple[str, ...] | None
 
 
 class Direct:
@@ -50,33 +52,40 @@ class Direct:
 
     def __init__(self, statement: sa.Executable, id_column: sa.Column[Any] | None = None) -> None:
         """``id_column``: for an INSERT, the generated key ``insert_id`` reads
-        (RETURNING where the dialect has it, else the cursor's ``lastrowid``)."""
+        (RETURNING where the dialect has it, else the cursor's ``lastrowid``).
+        An INSERT given no values inserts the columns its parameters name, as
+        ``Connection.execute`` would: those of the first call, every call."""
         self._statement = statement
         self._id_column = id_column
+        self._by_parameters = isinstance(statement, sa.Insert) and not statement._values
         #: by dialect name: what `_Compiled` says
         self._compiled: dict[str, _Compiled] = {}
 
-    def _compile(self, dialect: sa.Dialect) -> _Compiled:
+    def _compile(self, dialect: sa.Dialect, params: Mapping[str, Any]) -> _Compiled:
         compiled = self._compiled.get(dialect.name)
         if compiled is not None:
+            if compiled.columns is not None and tuple(params) != compiled.columns:
+                raise ValueError(f"{self._statement}: compiled for {compiled.columns}")
             return compiled
         statement, returning = self._statement, False
         if self._id_column is not None and dialect.insert_returning:
             statement, returning = statement.returning(self._id_column), True  # type: ignore[attr-defined]
-        sql = statement.compile(dialect=dialect)
+        columns = tuple(params) if self._by_parameters else None
+        sql = statement.compile(dialect=dialect, column_keys=list(columns or ()) or None)
         if _result_processed(sql):
             raise TypeError(
                 f"{self._statement}: its rows need processing; run it through SQLAlchemy"
             )
         order = tuple(sql.positiontup) if sql.positional and sql.positiontup else None
-        compiled = _Compiled(str(sql), order, dict(sql._bind_processors), returning)
+        processors = dict(sql._bind_processors)
+        compiled = _Compiled(str(sql), order, processors, returning, columns)
         self._compiled[dialect.name] = compiled
         return compiled
 
     def execute(self, connection: sa.Connection, params: Mapping[str, Any]) -> Any:
         """Run the statement on ``connection``'s driver cursor; the cursor, to read from."""
         dialect = connection.dialect
-        compiled = self._compile(dialect)
+        compiled = self._compile(dialect, params)
         text, order, processors = compiled.text, compiled.order, compiled.processors
         if processors:
             params = {
@@ -118,7 +127,7 @@ class Direct:
         """Run an INSERT; the key it generated."""
         cursor = self.execute(connection, params)
         try:
-            if self._compile(connection.dialect).returning:
+            if self._compiled[connection.dialect.name].returning:
                 return int(cursor.fetchone()[0])
             return int(cursor.lastrowid)
         finally:

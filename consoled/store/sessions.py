@@ -21,23 +21,7 @@ from consoled.tokens import ConnectInfo
 # The statements of every session's start and end, built once: building
 # Core statements per call cost about three times executing them.  They run
 # on the driver's cursor (consoled/store/direct.py).
-_SESSION_COLUMNS = (
-    "instance_uuid",
-    "console_type",
-    "host",
-    "port",
-    "token_hash_prefix",
-    "door",
-    "client_address",
-    "mode",
-    "proxy",
-    "started_at",
-    "touched_at",
-)
-_INSERT_SESSION = Direct(
-    sessions_table.insert().values({name: sa.bindparam(name) for name in _SESSION_COLUMNS}),
-    id_column=sessions_table.c.id,
-)
+_INSERT_SESSION = Direct(sessions_table.insert(), id_column=sessions_table.c.id)
 _END_SESSION = (
     sessions_table.update()
     .where(sessions_table.c.id == sa.bindparam("session_id"), sessions_table.c.ended_at.is_(None))
