@@ -120,14 +120,21 @@ class DirectTestsMixin:
         self.assertRaises(TypeError, kicked.first, self.connection, {})
 
 
+#: how a test asks each server to drop a connection: its id, then the kill
+KILLS = {
+    "postgresql": ("SELECT pg_backend_pid()", "SELECT pg_terminate_backend({})"),
+    "mariadb": ("SELECT CONNECTION_ID()", "KILL CONNECTION {}"),
+}
+
+
 class LostConnectionMixin:
     """A server that drops the connection: the error says so and the connection is invalidated."""
 
-    def kill(self: Any, connection: sa.Connection) -> None:
-        raise NotImplementedError
-
     def test_lost_connection_is_an_outage(self: Any) -> None:
-        self.kill(self.connection)
+        which, kill = KILLS[self.backend]
+        pid = int(self.connection.exec_driver_sql(which).scalar())
+        with self.engine.connect() as other:
+            other.exec_driver_sql(kill.format(pid))
         with self.assertRaises(sa.exc.DBAPIError) as raised:
             SELECT.first(self.connection, {"session_id": 1})
         self.assertTrue(raised.exception.connection_invalidated)
@@ -142,16 +149,6 @@ class SQLiteDirectTests(DirectTestsMixin, SynchronousTestCase):
 class PostgreSQLDirectTests(LostConnectionMixin, DirectTestsMixin, SynchronousTestCase):
     backend = "postgresql"
 
-    def kill(self, connection: sa.Connection) -> None:
-        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-        with self.engine.connect() as other:
-            other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")  # type: ignore[arg-type]
-
 
 class MariaDBDirectTests(LostConnectionMixin, DirectTestsMixin, SynchronousTestCase):
     backend = "mariadb"
-
-    def kill(self, connection: sa.Connection) -> None:
-        pid = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
-        with self.engine.connect() as other:
-            other.exec_driver_sql(f"KILL CONNECTION {int(pid)}")  # type: ignore[arg-type]
