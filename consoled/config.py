@@ -329,18 +329,29 @@ class Settings:
     consoled: ConsoledSettings = field(default_factory=ConsoledSettings)
 
     def access_url_base(self, console_type: str) -> str:
-        """The URL a token for console_type is appended to for the user."""
-        bases = {
-            "novnc": self.vnc.novncproxy_base_url,
-            "spice-html5": self.spice.html5proxy_base_url,
-            "serial": self.serial_console.base_url,
-            "webmks": self.mks.mksproxy_base_url,
-            "xvpvnc": self.consoled.xvp_base_url,
+        """The URL a token for console_type is appended to for the user.
+
+        The built-in defaults name consoled's own pages over plain HTTP; with
+        ``ssl_only`` those doors speak TLS only, so an unchanged default is
+        handed out as https (a user given the http URL reached nothing, and
+        the origin check would refuse the https page's upgrade: 403).
+        """
+        places = {
+            "novnc": (self.vnc, "novncproxy_base_url"),
+            "spice-html5": (self.spice, "html5proxy_base_url"),
+            "serial": (self.serial_console, "base_url"),
+            "webmks": (self.mks, "mksproxy_base_url"),
+            "xvpvnc": (self.consoled, "xvp_base_url"),
         }
         try:
-            return bases[console_type]
+            section, name = places[console_type]
         except KeyError:
             raise ValueError(f"unknown console type {console_type!r}") from None
+        base: str = getattr(section, name)
+        default = {f.name: f.default for f in fields(section)}[name]
+        if self.default.ssl_only and base == default and base.startswith("http://"):
+            return "https://" + base.removeprefix("http://")
+        return base
 
     def token_ttl(self, console_type: str) -> int:
         """Seconds a new token of console_type lives."""

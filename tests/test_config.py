@@ -385,6 +385,23 @@ class DerivedTests(ConfigTestsMixin, SynchronousTestCase):
         )
         self.assertRaises(ValueError, s.access_url_base, "rdp-html5")
 
+    def test_accessUrlBaseSslOnly(self) -> None:
+        """With ssl_only the built-in defaults are handed out as https (the
+        doors speak TLS only); a base URL the operator set is kept as set."""
+        s, _ = self.load("[DEFAULT]\nssl_only = true\n[spice]\nhtml5proxy_base_url = http://c/s\n")
+        self.assertEqual(
+            [s.access_url_base(t) for t in CONSOLE_TYPES],
+            [
+                "https://127.0.0.1:6080/vnc_lite.html",
+                "http://c/s",
+                "https://127.0.0.1:6083/serial.html",
+                "https://127.0.0.1:6090/",
+                "https://127.0.0.1:6081/console",
+            ],
+        )
+        plain, _ = self.load("[DEFAULT]\nssl_only = false\n")
+        self.assertEqual(plain.access_url_base("novnc"), "http://127.0.0.1:6080/vnc_lite.html")
+
     def test_tokenTtl(self) -> None:
         """token_ttl_by_type overrides [consoleauth] token_ttl for its types
         only."""
