@@ -5,7 +5,8 @@
     door ─► Gate.admit(door, token, facts) ─► Deferred[Pass], or a Refusal
               0. the client address is not banned for failed token checks
               1. the token: present, printable, not absurdly long; hashed once
-              2. its row: one store look-up (a thread hop); with no row and
+              2. its row: one store look-up (a thread hop), which also writes
+                 the session's row when steps 3-5 pass there; with no row and
                  [workarounds] enable_consoleauth, nova's legacy consoleauth
                  entry in memcached (consoled/consoleauth.py), logged as legacy
               3. the console type fits the door
@@ -46,6 +47,7 @@ from consoled.sessions import LEASED_TYPES, Admission, Sessions
 from consoled.sessions.relay import ClientSide
 from consoled.store import Store
 from consoled.store.breaker import brief_error, is_outage
+from consoled.store.sessions import Opening
 from consoled.tokens import ConnectInfo, hash_prefix, hash_token
 
 log = Logger()
@@ -204,18 +206,31 @@ class Gate:
         timer.append(
             self._clock.callLater(self._timeout, self._too_slow, outcome, door, address, prefix)
         )
-        work = self._store.find_token(token_hash)
+        # One trip for the token's row and the session's: the checks of steps
+        # 3-5 run on the database thread too, so a connection they refuse
+        # gets no row; they run again here, where they answer.
+        opening = Opening(
+            row_door(door),
+            address,
+            self._sessions.proxy,
+            lambda info: self._wanted(info, door, facts),
+        )
+        work = self._store.find_token(token_hash, opening)
         if self._metrics is not None:
             work.addBoth(self._looked_up, self._clock.seconds())
         if self._legacy is not None:
             work.addCallback(self._or_legacy, token, door, prefix)
 
         def checked(info: ConnectInfo | None, *facts_of: Any) -> Any:
+            written = _written(info, opening)
             if outcome.called:
                 # The client left during the look-up (or the deadline passed):
-                # take no row and no lease that its own reconnect would find held.
+                # take no lease that its own reconnect would find held, and
+                # end the row the look-up wrote.
+                if written is not None:
+                    self._sessions.release(written, "client gone before its session started")
                 return None
-            return self._checked(info, *facts_of)
+            return self._checked(info, *facts_of, written)
 
         work.addCallbacks(checked, _store_failed, (door, facts, address, prefix), None, (prefix,))
 
@@ -240,6 +255,7 @@ class Gate:
             return None
 
         work.addBoth(settle)
+        self._sessions.admitting(work)
         return outcome
 
     def _or_legacy(
@@ -264,24 +280,28 @@ class Gate:
         return self._legacy.find_legacy(token).addCallback(found)
 
     def _checked(
-        self, info: ConnectInfo | None, door: str, facts: Facts, address: str, prefix: str
+        self,
+        info: ConnectInfo | None,
+        door: str,
+        facts: Facts,
+        address: str,
+        prefix: str,
+        written: Admission | None,
     ) -> Pass | defer.Deferred[Pass]:
         if info is None:
             raise Refusal(Kind.INVALID_TOKEN, hash_prefix=prefix)
-        check_console_type(info, door)
-        check_origin(
-            info,
-            origin=facts.origin,
-            host_header=facts.host,
-            forwarded_proto=facts.forwarded_proto,
-            peer=facts.peer,
-            allowed_origins=self._allowed_origins,
-            trusted_proxies=self._trusted_proxies,
-        )
-        self._under_caps(info)
-        connector = self._backends.connector_for(info)
+        try:
+            self._check(info, door, facts)
+            connector = self._backends.connector_for(info)
+        except BaseException as error:
+            # Refused here though the look-up's run of the checks passed
+            # (a session of the token started meanwhile): end its row.
+            if written is not None:
+                reason = str(error.ending) if isinstance(error, Refusal) else "internal error"
+                self._sessions.release(written, reason)
+            raise
         if info.console_type not in LEASED_TYPES:
-            return Pass(self._sessions, door, info, address, connector)
+            return Pass(self._sessions, door, info, address, connector, written)
 
         def seat(failure: Failure) -> Pass | Failure:
             # A held port: a seat beside its writer, where this proxy has one and allows it.
@@ -296,6 +316,36 @@ class Gate:
             seat,
         )
         return leasing
+
+    def _wanted(self, info: ConnectInfo, door: str, facts: Facts) -> bool:
+        """Whether the look-up writes the session's row (on a database thread).
+
+        Not for a console of one writer (its row comes with its lease, after
+        the look-up), nor for a connection steps 3-5 refuse: the reactor's
+        run of the same checks answers it.  They read only the row, the
+        facts, settings and this proxy's session counts.
+        """
+        if info.console_type in LEASED_TYPES:
+            return False
+        try:
+            self._check(info, door, facts)
+        except Exception:
+            return False
+        return True
+
+    def _check(self, info: ConnectInfo, door: str, facts: Facts) -> None:
+        """Steps 3-5: a Refusal, or nothing."""
+        check_console_type(info, door)
+        check_origin(
+            info,
+            origin=facts.origin,
+            host_header=facts.host,
+            forwarded_proto=facts.forwarded_proto,
+            peer=facts.peer,
+            allowed_origins=self._allowed_origins,
+            trusted_proxies=self._trusted_proxies,
+        )
+        self._under_caps(info)
 
     def _refused(self, door: str, address: str, refusal: Refusal) -> None:
         log_refusal(door, address, refusal)
@@ -352,6 +402,13 @@ def _hashed(token: str | None) -> str:
     if len(token) > MAX_TOKEN_LENGTH or not token.isprintable():
         raise Refusal(Kind.INVALID_TOKEN, "malformed token", hash_prefix(token_hash))
     return token_hash
+
+
+def _written(info: ConnectInfo | None, opening: Opening) -> Admission | None:
+    """The session row the look-up wrote, as the admission it is."""
+    if info is None or opening.session_id is None:
+        return None
+    return Admission(opening.session_id, info, holds_lease=False)
 
 
 def _store_failed(failure: Failure, prefix: str) -> None:

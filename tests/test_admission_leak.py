@@ -163,9 +163,9 @@ class Lookups:
         self._holding: tuple[int, defer.Deferred[None]] | None = None
         store.find_token = self.find  # type: ignore[method-assign]
 
-    def find(self, token_hash: str) -> defer.Deferred[Any]:
+    def find(self, token_hash: str, opening: Any = None) -> defer.Deferred[Any]:
         if self._holding is None:
-            d = self._find(token_hash)
+            d = self._find(token_hash, opening)
         else:
             d = defer.Deferred()
             self._held.append((token_hash, d))

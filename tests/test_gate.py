@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlalchemy as sa
 from twisted.internet import defer
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -18,6 +19,7 @@ from consoled.gate import MAX_TOKEN_LENGTH, Facts, Gate, Pass
 from consoled.sessions import LOCAL_HOLDER_GRACE
 from consoled.sessions.relay import Relay
 from consoled.sessions.spectators import Spectator
+from consoled.store.tables import sessions
 from tests.inline import InlineCore
 
 BROWSER = Facts(peer="192.0.2.7", origin="http://proxy.example", host="proxy.example:6080")
@@ -126,7 +128,7 @@ class GateTests(SynchronousTestCase):
         """A store that fails: STORE_UNAVAILABLE, and the failure logged for the operator."""
 
         class Broken:
-            def find_token(self, token_hash: str) -> defer.Deferred[Any]:
+            def find_token(self, token_hash: str, opening: Any = None) -> defer.Deferred[Any]:
                 return defer.fail(OSError("database is down"))
 
         refusal = self.refusal(self.make_gate(Broken()).admit("novnc", "t", BROWSER))
@@ -137,7 +139,7 @@ class GateTests(SynchronousTestCase):
         """A bug behind the gate (a row it cannot read) is INTERNAL, logged, not a hang."""
 
         class Garbled:
-            def find_token(self, token_hash: str) -> defer.Deferred[Any]:
+            def find_token(self, token_hash: str, opening: Any = None) -> defer.Deferred[Any]:
                 return defer.succeed(object())
 
         refusal = self.refusal(self.make_gate(Garbled()).admit("novnc", "t", BROWSER))
@@ -269,9 +271,9 @@ class SerialGateTests(GateTests):
         answers: list[tuple[defer.Deferred[Any], Any]] = []
         real = self.core.store.find_token
 
-        def held(token_hash: str) -> defer.Deferred[Any]:
+        def held(token_hash: str, opening: Any = None) -> defer.Deferred[Any]:
             d: defer.Deferred[Any] = defer.Deferred()
-            real(token_hash).addCallback(lambda info: answers.append((d, info)))
+            real(token_hash, opening).addCallback(lambda info: answers.append((d, info)))
             return d
 
         self.patch(self.core.store, "find_token", held)
@@ -292,11 +294,68 @@ class _Backend:
         pass
 
 
+class LookUpRowTests(SynchronousTestCase):
+    """The session's row, written in the token's look-up (issue 16)."""
+
+    def setUp(self) -> None:
+        self.core = InlineCore(self, "novnc", 5900, "http://proxy.example:6080/")
+
+    def make_gate(self, **options: Any) -> Gate:
+        return Gate(self.core.store, self.core.sessions, self.core.reactor, timeout=10, **options)
+
+    def refusal(self, d: defer.Deferred[Pass]) -> Refusal:
+        return self.failureResultOf(d, Refusal).value
+
+    def session_rows(self) -> list[Any]:
+        with self.core.engine.connect() as connection:
+            return list(connection.execute(sa.select(sessions).order_by(sessions.c.id)))
+
+    def test_one_trip_for_the_token_and_the_row(self) -> None:
+        """An admitted session's row is written with its token's look-up, in one
+        unit of database work; starting the pass writes no other (issue 16)."""
+        units: list[Any] = []
+        runner = self.core.store._runner
+        run = runner.run
+        self.patch(runner, "run", lambda f, *a, **k: (units.append(f), run(f, *a, **k))[1])
+        admitted = self.successResultOf(
+            self.core.gate.admit("novnc", self.core.token.decode(), BROWSER)
+        )
+        self.assertEqual(len(units), 1)
+        assert admitted.admission is not None
+        [row] = self.session_rows()
+        self.assertEqual(
+            (row.id, row.door, row.client_address, row.ended_at),
+            (admitted.admission.session_id, "websocket/novnc", "192.0.2.7", None),
+        )
+        admitted.start(Client())
+        self.assertEqual((len(units), len(self.session_rows())), (1, 1))
+
+    def test_a_refused_connection_gets_no_row(self) -> None:
+        """Steps 3-5 run with the look-up: a connection they refuse writes no row."""
+        token = self.core.token.decode()
+        stranger = Facts(peer="192.0.2.7", origin="http://evil.example", host="proxy.example:6080")
+        self.refusal(self.core.gate.admit("spice", token, BROWSER))
+        self.refusal(self.core.gate.admit("novnc", token, stranger))
+        self.assertEqual(self.session_rows(), [])
+
+    def test_a_row_refused_on_the_reactor_is_ended(self) -> None:
+        """A session of the token that started between the look-up's checks and
+        the reactor's: the reactor refuses, and the row written is ended as refused."""
+        gate = self.make_gate(max_sessions_per_token=1)
+        counts = iter([(0, 0), (1, 1)])  # the look-up's view, then the reactor's
+        self.patch(self.core.sessions, "open_for", lambda info: next(counts))
+        refusal = self.refusal(gate.admit("novnc", self.core.token.decode(), BROWSER))
+        self.assertIs(refusal.ending.kind, Kind.TOO_MANY_SESSIONS)
+        [row] = self.session_rows()
+        self.assertEqual(row.end_reason, str(refusal.ending))
+        self.assertEqual(self.core.left_behind(), (0, 0))
+
+
 class _Slow:
     """A store whose one look-up answers only when the test fires ``late``."""
 
     def __init__(self) -> None:
         self.late: defer.Deferred[Any] = defer.Deferred()
 
-    def find_token(self, token_hash: str) -> defer.Deferred[Any]:
+    def find_token(self, token_hash: str, opening: Any = None) -> defer.Deferred[Any]:
         return self.late

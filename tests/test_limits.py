@@ -80,9 +80,9 @@ class CountingStore:
         self.store = store
         self.lookups = 0
 
-    def find_token(self, token_hash: str) -> defer.Deferred[Any]:
+    def find_token(self, token_hash: str, opening: Any = None) -> defer.Deferred[Any]:
         self.lookups += 1
-        return self.store.find_token(token_hash)
+        return self.store.find_token(token_hash, opening)
 
 
 class GateLimitTests(SynchronousTestCase):

@@ -70,14 +70,14 @@ class SerialLockTests(TestCase):
             ending.callback(None)
             return release_gate.addCallback(lambda _: real_end(*args, **kwargs))
 
-        def find_token(token_hash: str) -> Any:
+        def find_token(token_hash: str, opening: Any = None) -> Any:
             # The gate opens on the turn after the second user's token checks
             # out; the admission runs in that same turn, gate still shut.
             def checked(info: Any) -> Any:
                 reactor.callLater(0, release_gate.callback, None)
                 return info
 
-            return real_find(token_hash).addCallback(checked)
+            return real_find(token_hash, opening).addCallback(checked)
 
         def open_writer(**kwargs: Any) -> Any:
             order.append("open" if release_gate.called else "open while the lease is held")

@@ -71,7 +71,9 @@ class FakeStore:
         self.held: list[tuple[str, defer.Deferred[ConnectInfo | None]]] = []
         self.store_down = False
 
-    def find_token(self, token_hash: str) -> defer.Deferred[ConnectInfo | None]:
+    def find_token(
+        self, token_hash: str, opening: Any = None
+    ) -> defer.Deferred[ConnectInfo | None]:
         self.seen.append(token_hash)
         if self.hold:
             d: defer.Deferred[ConnectInfo | None] = defer.Deferred()
@@ -123,8 +125,13 @@ class FakeSessions:
             return defer.fail(self.busy)
         return defer.succeed(Admission(1, info, True))
 
+    proxy = "fake"
+
     def can_watch(self, info: ConnectInfo) -> bool:
         return False
+
+    def admitting(self, work: defer.Deferred[Any]) -> None:
+        pass
 
     def open_for(self, info: ConnectInfo) -> tuple[int, int]:
         return 0, 0

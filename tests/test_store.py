@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from consoled.store import Store
 from consoled.store.engine import make_engine
 from consoled.store.runner import InlineRunner, ThreadRunner
+from consoled.store.sessions import Opening
 from consoled.store.tables import console_auth_tokens, serial_leases, sessions
 from consoled.tokens import hash_token
 from tests.databases import fresh_database, upgraded_engine
@@ -124,6 +125,40 @@ class StoreTestsMixin:
         info = self.successResultOf(self.store.find_token(hash_token(token)))
         self.assertEqual((info.console_type, info.host, info.port), ("serial", "10.0.0.5", 10000))
         self.assertIsNone(info.tls_port)
+
+    def test_look_up_writes_the_session_row_it_is_asked_for(self: Any) -> None:
+        """With an Opening, a found token's session row is written in the same
+        unit when ``wanted`` says so (on the row it found); never for an
+        unknown token, and not when unwanted."""
+        issued = self.authorize()
+        seen: list[Any] = []
+
+        def wanted(info: Any) -> bool:
+            seen.append(info.instance_uuid)
+            return True
+
+        opening = Opening("websocket/novnc", "192.0.2.7", "proxy-a", wanted)
+        info = self.successResultOf(self.store.find_token(hash_token(issued.token), opening))
+        self.assertEqual((seen, info.port), ([INSTANCE], 5901))
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                sa.select(sessions).where(sessions.c.id == opening.session_id)
+            ).one()
+        self.assertEqual(
+            (row.door, row.client_address, row.proxy, row.mode, row.port, row.ended_at),
+            ("websocket/novnc", "192.0.2.7", "proxy-a", "writer", 5901, None),
+        )
+        self.assertEqual((row.instance_uuid, row.token_hash_prefix), (INSTANCE, info.hash_prefix))
+        unwanted = Opening("websocket/novnc", "192.0.2.7", "proxy-a", lambda info: False)
+        self.successResultOf(self.store.find_token(hash_token(issued.token), unwanted))
+        unknown = Opening("websocket/novnc", "192.0.2.7", "proxy-a", wanted)
+        self.assertIsNone(
+            self.successResultOf(self.store.find_token(hash_token("unknown"), unknown))
+        )
+        self.assertEqual((unwanted.session_id, unknown.session_id, len(seen)), (None, None, 1))
+        with self.engine.connect() as connection:
+            count = connection.execute(sa.select(sa.func.count()).select_from(sessions))
+            self.assertEqual(count.scalar_one(), 1)
 
     def test_lookup_shows_expired(self: Any) -> None:
         """lookup finds a token's row even after expiry, for `token show`."""

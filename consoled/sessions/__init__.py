@@ -151,6 +151,8 @@ class Sessions(Seats, Service):
         #: admissions whose row and lease are being written: fires when each is
         #: answered, with its console port
         self._admissions: dict[defer.Deferred[None], tuple[str, int]] = {}
+        #: the gate's admissions under way, whose look-up may write a session's row
+        self._looking_up: set[defer.Deferred[Any]] = set()
         #: consoled.metrics.Metrics, when the management listener reports them
         self.metrics: Any = None
         #: what this proxy's previous life left behind, given back at start
@@ -295,16 +297,25 @@ class Sessions(Seats, Service):
             if session.holds_lease and (session.info.host, session.info.port) == port
         ] + [observe(d) for held, d in self._giving_back.values() if held == port]
 
+    def admitting(self, work: defer.Deferred[Any]) -> None:
+        """The gate's admission under way: ``settled`` waits for it, since its
+        look-up may write a session's row, given back if the session does not start."""
+        self._looking_up.add(work)
+        work.addBoth(lambda result: (self._looking_up.discard(work), result)[1])
+
     def release(self, admission: Admission, reason: str) -> defer.Deferred[None]:
         """Give back an admission whose session never started (the user left)."""
         d = self._store.end_session(
-            admission.session_id, reason=reason, bytes_to_client=0, bytes_to_server=0
+            admission.session_id,
+            reason=reason,
+            bytes_to_client=0,
+            bytes_to_server=0,
+            release_lease=admission.holds_lease,
         )
         d.addErrback(lambda f: log.failure("releasing an admission failed", f))
-        if not admission.holds_lease:
-            return d
         # A user whose reset ended an admission reconnects at once: their next
-        # admission waits for this release instead of finding the port held.
+        # admission waits for this release instead of finding the port held
+        # (and a shut-down, ``settled``, waits for every release).
         key = admission.session_id
         self._giving_back[key] = ((admission.info.host, admission.info.port), d)
         return d.addBoth(lambda result: (self._giving_back.pop(key, None), result)[1])
@@ -320,8 +331,9 @@ class Sessions(Seats, Service):
     ) -> Relay:
         """Relay ``client`` to the console ``info`` names; returns the relay at once.
 
-        A leased console comes with its ``admission`` (row and lease, taken
-        at the gate); any other console's row is written here.
+        The gate wrote the session's row, and a serial console's lease
+        (``admission``); a session it wrote none for (a legacy consoleauth
+        token's) writes its row here, beside connecting.
         """
         session = Session(info, door, client_address, self._clock.seconds(), connector)
         deadline = float(info.expires) if self._enforce_session_timeout else None
@@ -519,7 +531,8 @@ class Sessions(Seats, Service):
     def settled(self) -> defer.Deferred[None]:
         """Fires once every session alive or ending now has its row ended, and
         every admission under way has been started or given back."""
-        admissions = defer.DeferredList([observe(d) for d in list(self._admissions)])
+        under_way = [*self._admissions, *self._looking_up]
+        admissions = defer.DeferredList([observe(d) for d in under_way])
 
         def rest(_: object) -> defer.Deferred[Any]:
             waiting = [s.finished for s in self.live | self._closing]

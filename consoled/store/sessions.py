@@ -7,6 +7,8 @@ two, back to back, in one trip).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -69,6 +71,33 @@ def _session_values(
 
 def _insert_session(connection: sa.Connection, values: dict[str, Any]) -> int:
     return _INSERT_SESSION.insert_id(connection, values)
+
+
+@dataclass(slots=True)
+class Opening:
+    """A session's row for a token's look-up to write in the same trip to the database.
+
+    The gate asks for it (:meth:`consoled.store.tokens.TokenRows.find_token`):
+    once the token's row is found, ``wanted(info)`` runs on the database
+    thread and says whether the session gets its row now; its id is in
+    ``session_id`` when the look-up's Deferred fires.
+    """
+
+    door: str
+    client_address: str
+    proxy: str
+    #: run on the database thread, with the token's row: whether to write the session's row
+    wanted: Callable[[ConnectInfo], bool]
+    #: the written row's id (None: none was written)
+    session_id: int | None = None
+
+    def open(self, connection: sa.Connection, info: ConnectInfo, now: float) -> None:
+        """Write the row when it is wanted (on the database thread)."""
+        if self.wanted(info):
+            values = _session_values(
+                info, self.door, self.client_address, self.proxy, "writer", now
+            )
+            self.session_id = _insert_session(connection, values)
 
 
 def _lease_values(

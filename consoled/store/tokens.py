@@ -10,6 +10,7 @@ from twisted.internet import defer
 
 from consoled.store.direct import Direct
 from consoled.store.runner import StorePart
+from consoled.store.sessions import Opening
 from consoled.store.tables import console_auth_tokens as tokens_table
 from consoled.tokens import ConnectInfo, IssuedToken, hash_token, new_token
 
@@ -70,9 +71,32 @@ class TokenRows(StorePart):
 
         return self._run(insert)
 
-    def find_token(self, token_hash: str) -> defer.Deferred[ConnectInfo | None]:
-        """Where the token of this digest leads, or None: unknown and expired are one answer."""
-        return self._read(_select_valid, token_hash, int(self._now()), single=True)
+    def find_token(
+        self, token_hash: str, opening: Opening | None = None
+    ) -> defer.Deferred[ConnectInfo | None]:
+        """Where the token of this digest leads, or None: unknown and expired are one answer.
+
+        With ``opening``, a found token's session row is written in the same
+        trip when the opening wants it (the gate's admission): one hand-off
+        to a database thread a session instead of two.  Each hand-off costs
+        the reactor's thread its GIL a few times over: with 100 set-ups in
+        flight, context switches per session went from 7.2 to 4.2, and the
+        reactor's system time per session from 150 to 117 µs; callgrind's
+        instructions per session from 2,402,401 to 2,319,218 (issue 16).
+        """
+        now = self._now()
+        if opening is None:
+            return self._read(_select_valid, token_hash, int(now), single=True)
+
+        def find_and_open(connection: sa.Connection) -> ConnectInfo | None:
+            info = _select_valid(connection, token_hash, int(now))
+            if info is not None:
+                opening.open(connection, info, now)
+            return info
+
+        # Not a read: a written row's id must reach the gate, which ends it
+        # if the session does not start.
+        return self._run(find_and_open, single=True)
 
     def lookup(self, token: str) -> defer.Deferred[ConnectInfo | None]:
         """The token's row whether or not it has expired (``token show``)."""
