@@ -160,6 +160,44 @@ class StoreTestsMixin:
             count = connection.execute(sa.select(sa.func.count()).select_from(sessions))
             self.assertEqual(count.scalar_one(), 1)
 
+    def test_end_sessions_ends_each_row(self: Any) -> None:
+        """Several ends in one unit: each row gets its own time, reason and bytes;
+        an ended row is not ended again."""
+        issued = self.authorize()
+        info = self.successResultOf(self.store.find_token(hash_token(issued.token)))
+        ids = [
+            self.successResultOf(
+                self.store.open_session(
+                    info=info, door="websocket/novnc", client_address="c", proxy="p"
+                )
+            )
+            for _ in range(3)
+        ]
+        endings = []
+        for n, session_id in enumerate(ids):
+            self.clock.advance(1)
+            endings.append(
+                self.store.ending(
+                    session_id, reason=f"r{n}", bytes_to_client=n, bytes_to_server=10 * n
+                )
+            )
+        self.successResultOf(self.store.end_sessions(endings))
+        again = self.store.ending(ids[0], reason="again", bytes_to_client=9, bytes_to_server=9)
+        self.successResultOf(self.store.end_sessions([again]))
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(
+                    sessions.c.ended_at,
+                    sessions.c.end_reason,
+                    sessions.c.bytes_to_client,
+                    sessions.c.bytes_to_server,
+                ).order_by(sessions.c.id)
+            ).all()
+        self.assertEqual(
+            [tuple(row) for row in rows],
+            [(NOW + 1, "r0", 0, 0), (NOW + 2, "r1", 1, 10), (NOW + 3, "r2", 2, 20)],
+        )
+
     def test_lookup_shows_expired(self: Any) -> None:
         """lookup finds a token's row even after expiry, for `token show`."""
         issued = self.authorize(ttl=5)

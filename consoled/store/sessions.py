@@ -259,14 +259,12 @@ class SessionRows(StorePart):
         release_lease: bool = True,
     ) -> defer.Deferred[None]:
         """End a session's row (when, why, bytes each way) and drop the lease it holds."""
-        now = self._now()
-        values = {
-            "session_id": session_id,
-            "now": now,
-            "reason": reason[:255],
-            "to_client": bytes_to_client,
-            "to_server": bytes_to_server,
-        }
+        values = self.ending(
+            session_id,
+            reason=reason,
+            bytes_to_client=bytes_to_client,
+            bytes_to_server=bytes_to_server,
+        )
 
         def end(connection: sa.Connection) -> None:
             _END_SESSION_DIRECT.rowcount(connection, values)
@@ -275,6 +273,30 @@ class SessionRows(StorePart):
 
         # Kept while the database is down: the end keeps its own time and bytes.
         return self._keep(("end", session_id), lambda: end, single=not release_lease)
+
+    def ending(
+        self, session_id: int, *, reason: str, bytes_to_client: int, bytes_to_server: int
+    ) -> dict[str, Any]:
+        """A session's end as :meth:`end_sessions` writes it, stamped now."""
+        return {
+            "session_id": session_id,
+            "now": self._now(),
+            "reason": reason[:255],
+            "to_client": bytes_to_client,
+            "to_server": bytes_to_server,
+        }
+
+    def end_sessions(self, endings: list[dict[str, Any]]) -> defer.Deferred[None]:
+        """End the rows of sessions that hold no lease (each :meth:`ending`), in
+        one unit of work: one transaction for several, kept as one while the
+        database is down."""
+
+        def end_all(connection: sa.Connection) -> None:
+            for values in endings:
+                _END_SESSION_DIRECT.rowcount(connection, values)
+
+        key = ("ends", endings[0]["session_id"])
+        return self._keep(key, lambda: end_all, single=len(endings) == 1)
 
     def touch(
         self, counters: list[tuple[int, int, int]], *, proxy: str, lease_seconds: float
