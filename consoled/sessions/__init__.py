@@ -1,9 +1,11 @@
 """Live sessions: the one path every door takes after the token is accepted.
 
-``Sessions.start`` opens the session's row and connects to the hypervisor at
-the same time, then relays; whatever ends the relay ends the row (reason,
-duration, bytes each way) and logs one line.  The service touches live rows
-on a timer and, on shut-down, ends every session and waits for the rows.
+``Sessions.start`` takes the session's row the gate wrote with its token's
+look-up (``Admission``), connects to the hypervisor, then relays; whatever
+ends the relay ends the row (reason, duration, bytes each way; under load
+several ends in one write, ``Ends``) and logs one line.  The service touches
+live rows on a timer and, on shut-down, ends every session and waits for the
+rows.
 """
 
 from __future__ import annotations
