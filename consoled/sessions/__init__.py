@@ -568,20 +568,14 @@ class Sessions(Seats, Service):
             to_server=relay.bytes_to_server,
             hash_prefix=session.info.hash_prefix,
         )
-        if session.holds_lease:
-            d = self._store.end_session(
-                session.id,
-                reason=str(ending),
-                bytes_to_client=relay.bytes_to_client,
-                bytes_to_server=relay.bytes_to_server,
-            )
-        else:
-            d = self._ends.end(
-                session.id,
-                reason=str(ending),
-                bytes_to_client=relay.bytes_to_client,
-                bytes_to_server=relay.bytes_to_server,
-            )
+        # A writer's end releases its lease, alone; others may go together.
+        end = self._store.end_session if session.holds_lease else self._ends.end
+        d = end(
+            session.id,
+            reason=str(ending),
+            bytes_to_client=relay.bytes_to_client,
+            bytes_to_server=relay.bytes_to_server,
+        )
         d.addErrback(
             lambda f: log.failure(
                 "could not end the row of session {session_id}", f, session_id=session.id
