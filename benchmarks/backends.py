@@ -12,6 +12,9 @@ SIGTERM.  Behaviours:
 - ``spring``: sends ``--spring-bytes`` with ``sendfile`` from a 64 MiB file of
   zeros, over and over (no copy through this process, so four of them barely
   load a CPU), then closes;
+- ``framed``: a console that speaks websocket itself, for a relay that does not
+  (HAProxy's column): answers the upgrade with 101, then streams
+  ``--source-bytes`` of payload in 256 KiB binary frames, then closes;
 - ``trickle``: sends ``--trickle-rate`` bytes per second to every connection,
   a chunk every ``--trickle-period`` seconds, connections spread over the period.
 """
@@ -20,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
 import signal
 import socket
+import struct
 import sys
 import tempfile
 from collections.abc import Callable
@@ -31,6 +37,10 @@ from typing import Any
 CHUNK = memoryview(bytes(1 << 20))
 GREETING = b"RFB 003.008\n"
 SPRING_FILE = 64 << 20
+#: A framed source's frame: the payload of one, and the frame, header and all.
+FRAME_PAYLOAD = 256 << 10
+FRAME = memoryview(struct.pack("!BBQ", 0x82, 127, FRAME_PAYLOAD) + bytes(FRAME_PAYLOAD))
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Subdivisions of the trickle period, so sessions do not all burst at once.
 TRICKLE_SLOTS = 10
 
@@ -76,6 +86,49 @@ class Source(_Base):
     def resume_writing(self) -> None:
         self.paused = False
         self._fill()
+
+
+class Framed(Source):
+    """A source that frames its bytes itself, once the upgrade request came."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(total)
+        self.head = b""
+        self.upgraded = False
+
+    def started(self) -> None:
+        self.transport.set_write_buffer_limits(high=4 << 20)
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgraded:
+            return
+        self.head += data
+        if b"\r\n\r\n" not in self.head:
+            return
+        key = b""
+        for line in self.head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"sec-websocket-key":
+                key = value.strip()
+        accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+        self.transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        self.upgraded = True
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.left > 0 and not self.paused:
+            if self.left >= FRAME_PAYLOAD:
+                self.transport.write(FRAME)
+                self.left -= FRAME_PAYLOAD
+            else:  # the last frame, shorter
+                self.transport.write(struct.pack("!BBQ", 0x82, 127, self.left))
+                self.transport.write(FRAME[10 : 10 + self.left])
+                self.left = 0
+        if self.left == 0 and not self.transport.is_closing():
+            self.transport.close()
 
 
 class Spring(_Base):
@@ -178,6 +231,7 @@ async def serve(args: argparse.Namespace) -> None:
     spring.flush()
     makers: dict[str, Callable[[], Any]] = {
         "source": lambda: Source(args.source_bytes),
+        "framed": lambda: Framed(args.source_bytes),
         "echo": Echo,
         "sink": lambda: Sink(args.sink_bytes),
         "greeter": Greeter,

