@@ -62,6 +62,21 @@ class CountingTransport(StringTransport):
         super().write(data)
 
 
+class CountingSSLWrite:
+    """pyOpenSSL's ``_lib`` with its ``SSL_write`` calls counted."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        self.calls = 0
+
+    def SSL_write(self, *args: Any) -> Any:  # noqa: N802 (OpenSSL's name)
+        self.calls += 1
+        return self._lib.SSL_write(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+
 def server_factory(testcase: SynchronousTestCase) -> ServerTLSFactory:
     cert = testcase.mktemp()
     key = testcase.mktemp()
@@ -165,6 +180,24 @@ class ServerTLSPathTests(SynchronousTestCase):
             pair.wire.writes = 0
             pair.server.write(payload)
             self.assertEqual(pair.wire.writes, 1, name)
+            self.assertEqual(pair.client_reads(), payload, name)
+
+    def test_a_large_write_is_one_ssl_write(self) -> None:
+        """After the handshake OpenSSL takes a 256 KiB write in one SSL_write
+        (pyOpenSSL's partial-write mode would return after each of its 16
+        records, each a turn of sendall's Python loop); before it the
+        connection keeps the mode Twisted's own path expects."""
+        counted = CountingSSLWrite(SSL._lib)
+        self.patch(SSL, "_lib", counted)
+        for name, version in self.versions.items():
+            early = Pair(self, version, handshake=False)
+            mode = SSL._lib.SSL_set_mode(early.server._tlsConnection._ssl, 0)
+            self.assertTrue(mode & SSL._lib.SSL_MODE_ENABLE_PARTIAL_WRITE, name)
+            pair = Pair(self, version)
+            payload = os.urandom(256 * 1024)
+            counted.calls = 0
+            pair.server.write(payload)
+            self.assertEqual(counted.calls, 1, name)
             self.assertEqual(pair.client_reads(), payload, name)
 
     def test_a_frame_header_and_payload_are_one_write(self) -> None:
