@@ -4,7 +4,10 @@ Run as its own process (``python benchmarks/backends.py --source-bytes N ...``);
 it prints one JSON line naming each behaviour's port, then serves until
 SIGTERM.  Behaviours:
 
-- ``source``: streams ``--source-bytes`` as fast as the reader takes them, then closes;
+- ``source``: streams ``--source-bytes`` as fast as the reader takes them
+  with ``sendfile`` from a 64 MiB file of zeros, then closes (nothing is
+  copied through this process: the reader, which shares its CPU, is left
+  what it needs);
 - ``echo``: writes back whatever arrives;
 - ``sink``: discards what arrives and answers ``!`` once ``--sink-bytes`` have come;
 - ``greeter``: sends ``RFB 003.008\\n`` on connect (a VNC server's first
@@ -14,7 +17,8 @@ SIGTERM.  Behaviours:
   load a CPU), then closes;
 - ``framed``: a console that speaks websocket itself, for a relay that does not
   (HAProxy's column): answers the upgrade with 101, then streams
-  ``--source-bytes`` of payload in 256 KiB binary frames, then closes;
+  ``--source-bytes`` of payload in 256 KiB binary frames (``sendfile`` from a
+  file of frames), then closes;
 - ``trickle``: sends ``--trickle-rate`` bytes per second to every connection,
   a chunk every ``--trickle-period`` seconds, connections spread over the period.
 """
@@ -40,6 +44,8 @@ SPRING_FILE = 64 << 20
 #: A framed source's frame: the payload of one, and the frame, header and all.
 FRAME_PAYLOAD = 256 << 10
 FRAME = memoryview(struct.pack("!BBQ", 0x82, 127, FRAME_PAYLOAD) + bytes(FRAME_PAYLOAD))
+#: how many frames the framed source's file holds (64 MiB of payload)
+FRAMES_IN_FILE = 256
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Subdivisions of the trickle period, so sessions do not all burst at once.
 TRICKLE_SLOTS = 10
@@ -63,41 +69,53 @@ class _Base(asyncio.Protocol):
         pass
 
 
-class Source(_Base):
-    def __init__(self, total: int) -> None:
-        self.left = total
-        self.paused = False
+class Spring(_Base):
+    """Sends ``total`` bytes of ``path`` (its first ``size`` bytes, again and
+    again) with ``sendfile``, then closes: nothing is copied through this
+    process, whose CPU the reader shares."""
+
+    def __init__(self, path: str, total: int, size: int = SPRING_FILE) -> None:
+        self.path = path
+        self.total = total
+        self.size = size
 
     def started(self) -> None:
-        self.transport.set_write_buffer_limits(high=4 << 20)
-        self._fill()
+        self.task = asyncio.ensure_future(self._send())
 
-    def _fill(self) -> None:
-        while self.left > 0 and not self.paused:
-            n = min(self.left, len(CHUNK))
-            self.transport.write(CHUNK[:n])
-            self.left -= n
-        if self.left == 0 and not self.transport.is_closing():
-            self.transport.close()  # after the buffer drains
+    async def _send(self) -> None:
+        await self._send_file()
+        self.transport.close()
 
-    def pause_writing(self) -> None:
-        self.paused = True
+    async def _send_file(self) -> bool:
+        """Whether all went: False if the reader left first."""
+        try:
+            loop = asyncio.get_running_loop()
+            left = self.total
+            with open(self.path, "rb") as file:
+                while left > 0:
+                    count = min(left, self.size)
+                    await loop.sendfile(self.transport, file, 0, count)
+                    left -= count
+        except (ConnectionError, RuntimeError):
+            return False  # the reader left
+        return True
 
-    def resume_writing(self) -> None:
-        self.paused = False
-        self._fill()
 
+class Framed(Spring):
+    """A source that frames its bytes itself, once the upgrade request came.
 
-class Framed(Source):
-    """A source that frames its bytes itself, once the upgrade request came."""
+    ``path`` holds `FRAMES_IN_FILE` whole frames: whole frames go with
+    ``sendfile``, the last (shorter) one with a write.
+    """
 
-    def __init__(self, total: int) -> None:
-        super().__init__(total)
+    def __init__(self, path: str, total: int) -> None:
+        super().__init__(path, total // FRAME_PAYLOAD * len(FRAME), FRAMES_IN_FILE * len(FRAME))
+        self.rest = total % FRAME_PAYLOAD
         self.head = b""
         self.upgraded = False
 
     def started(self) -> None:
-        self.transport.set_write_buffer_limits(high=4 << 20)
+        pass  # the upgrade request comes first
 
     def data_received(self, data: bytes) -> None:
         if self.upgraded:
@@ -116,40 +134,11 @@ class Framed(Source):
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         )
         self.upgraded = True
-        self._fill()
-
-    def _fill(self) -> None:
-        while self.left > 0 and not self.paused:
-            if self.left >= FRAME_PAYLOAD:
-                self.transport.write(FRAME)
-                self.left -= FRAME_PAYLOAD
-            else:  # the last frame, shorter
-                self.transport.write(struct.pack("!BBQ", 0x82, 127, self.left))
-                self.transport.write(FRAME[10 : 10 + self.left])
-                self.left = 0
-        if self.left == 0 and not self.transport.is_closing():
-            self.transport.close()
-
-
-class Spring(_Base):
-    def __init__(self, path: str, total: int) -> None:
-        self.path = path
-        self.total = total
-
-    def started(self) -> None:
         self.task = asyncio.ensure_future(self._send())
 
     async def _send(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-            left = self.total
-            with open(self.path, "rb") as file:
-                while left > 0:
-                    count = min(left, SPRING_FILE)
-                    await loop.sendfile(self.transport, file, 0, count)
-                    left -= count
-        except (ConnectionError, RuntimeError):
-            pass  # the reader left
+        if await self._send_file() and self.rest:
+            self.transport.write(struct.pack("!BBQ", 0x82, 127, self.rest) + bytes(self.rest))
         self.transport.close()
 
 
@@ -229,9 +218,13 @@ async def serve(args: argparse.Namespace) -> None:
     for _ in range(SPRING_FILE // len(CHUNK)):  # written, so it is in the page cache
         spring.write(CHUNK)
     spring.flush()
+    frames = tempfile.NamedTemporaryFile(prefix="consoled-bench-frames-")
+    for _ in range(FRAMES_IN_FILE):
+        frames.write(FRAME)
+    frames.flush()
     makers: dict[str, Callable[[], Any]] = {
-        "source": lambda: Source(args.source_bytes),
-        "framed": lambda: Framed(args.source_bytes),
+        "source": lambda: Spring(spring.name, args.source_bytes),
+        "framed": lambda: Framed(frames.name, args.source_bytes),
         "echo": Echo,
         "sink": lambda: Sink(args.sink_bytes),
         "greeter": Greeter,
@@ -252,6 +245,7 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     ticker.cancel()
     spring.close()
+    frames.close()
     if trickler.skipped:
         print(f"backends: trickle skipped {trickler.skipped} chunks", file=sys.stderr)
 

@@ -417,10 +417,13 @@ class Target:
         return [] if self.pid is None else process_tree(self.pid)
 
 
-#: HAProxy's TLS column: one thread, TCP mode, TLS ended with the browser's ALPN.
+#: HAProxy's TLS column: one thread, TCP mode, TLS ended with the browser's
+#: ALPN; 256 KiB buffers, as consoled reads 256 KiB at a time (HAProxy's
+#: default 16 KiB made it 0.75x as fast here, 2026-12-03).
 HAPROXY_CONFIG = """\
 global
     nbthread 1
+    tune.bufsize 262144
 defaults
     mode tcp
     timeout connect 5s
