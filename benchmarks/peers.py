@@ -694,8 +694,8 @@ def _tls_proxy(
         argv += ["--cert", str(certificate.cert), "--key", str(certificate.key)]
         argv += [f"127.0.0.1:{port}", backend]
     elif base == "haproxy":
-        # A C relay that only terminates TLS: the backend (``framed``) frames
-        # its bytes itself, so this is what any TLS proxy could reach here.
+        # A C relay that only ends TLS: the backend (``framed``) frames its
+        # bytes itself, so HAProxy does no websocket work at all.
         pem = workdir / f"{certificate.kind}.pem"
         pem.write_bytes(certificate.cert.read_bytes() + certificate.key.read_bytes())
         config = workdir / f"{name}.cfg"

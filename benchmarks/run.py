@@ -73,7 +73,7 @@ TARGETS = (
     "haproxy",
 )
 #: wss:// only, downstream only: HAProxy ending TLS in front of a console that
-#: frames its bytes itself (backends.py ``framed``), the ceiling of any TLS proxy here
+#: frames its bytes itself (backends.py ``framed``), a C TLS terminator's figure
 TLS_ONLY = ("haproxy",)
 #: (numerator, denominator) columns of the ratio columns
 RATIOS = (
