@@ -46,6 +46,9 @@ SPICE_HTML5_DIR = "/usr/share/spice-html5"
 SPICE_HTML5_HINT = "apt-get install -y --no-install-recommends spice-html5"
 #: The subject tests.pki gives every server certificate, in host_subject's form.
 SERVER_SUBJECT = "O=consoled tests,CN=localhost"
+#: What a SPICE server sends before a link result: its link reply (header, the
+#: RSA-1024 public key, capabilities) is about 200 bytes (206 from QEMU 7.2).
+SPICE_LINK_REPLY_MAX = 512
 #: SPICE channel types (spice-protocol's enums.h).
 MAIN, DISPLAY, INPUTS, CURSOR = 1, 2, 3, 4
 
@@ -486,8 +489,22 @@ class SpiceHtml5Tests(TestCase):
         self.assertEqual((stats["width"], stats["height"]), (720, 400))  # VGA text mode
         rows = consoled.session_rows()
         # main, then display and inputs (and cursor) on their own websockets, all live.
-        self.assertGreaterEqual(len(rows), 3, rows)
-        self.assertEqual({row["end_reason"] for row in rows}, {None})
+        live = [row for row in rows if row["end_reason"] is None]
+        self.assertGreaterEqual(len(live), 3, rows)
+        # spice-html5 writes its RSA-encrypted ticket with toString(16)
+        # (ticket.js rsa_encrypt), which drops a leading zero byte: about one
+        # link in 256 sends a short ticket, QEMU hangs up before its link
+        # result, and spice_auto.html connects again.  Such a row is the
+        # console's refusal during the link, relayed as it came; any other end
+        # is a failure.
+        refused = [
+            row
+            for row in rows
+            if row["end_reason"] is not None
+            and row["end_reason"].startswith("console closed the connection")
+            and row["bytes_to_client"] <= SPICE_LINK_REPLY_MAX
+        ]
+        self.assertEqual(len(live) + len(refused), len(rows), rows)
         yield browser.close()
         yield consoled.wait_sessions_ended()
 
