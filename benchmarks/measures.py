@@ -11,7 +11,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import client
 from peers import (
@@ -154,18 +153,6 @@ def _proxy_cpu(target: Target) -> float:
     return 0.0 if target.pid is None else cpu_seconds(target.pid)
 
 
-def _cpus_jiffies(cpus: set[int]) -> tuple[int, int]:
-    """(busy, total) jiffies so far of ``cpus``, from /proc/stat's per-CPU lines."""
-    busy = total = 0
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            values = [int(v) for v in fields]
-            busy += sum(values) - values[3] - values[4]  # less idle and iowait
-            total += sum(values)
-    return busy, total
-
-
 def downstream(target: Target, s: Settings) -> Measured:
     """One session's stream; also how busy the client's CPU was.
 
@@ -175,11 +162,11 @@ def downstream(target: Target, s: Settings) -> Measured:
     margin is then the proxy CPU % below 100.
     """
     cpus = os.sched_getaffinity(0)
-    busy, total = _cpus_jiffies(cpus)
+    busy, total = machine_jiffies(cpus)
     cpu, proxy_cpu, started = _cpu_now(), _proxy_cpu(target), time.perf_counter()
     seconds = client.downstream(target, s.stream_bytes)
     wall = time.perf_counter() - started  # with the set-up, like the CPU counters
-    busy_after, total_after = _cpus_jiffies(cpus)
+    busy_after, total_after = machine_jiffies(cpus)
     measured: Measured = {
         "down_mbps": (s.stream_bytes - 1) / seconds / MB,
         "down_client_cpu": 100 * (_cpu_now() - cpu) / wall,

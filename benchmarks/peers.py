@@ -115,10 +115,19 @@ def cpu_ns(root: int) -> int:
     return total
 
 
-def machine_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU time of the whole machine so far, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4], sum(fields)  # minus idle and iowait
+def machine_jiffies(cpus: set[int] | None = None) -> tuple[int, int]:
+    """(busy, total) CPU time so far, from /proc/stat: the whole machine's
+    line, or the sum of the lines of ``cpus``."""
+    busy = total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu"):
+            break  # the CPU lines come first
+        if (name == "cpu") if cpus is None else (name[3:].isdigit() and int(name[3:]) in cpus):
+            values = [int(v) for v in fields]
+            busy += sum(values) - values[3] - values[4]  # less idle and iowait
+            total += sum(values)
+    return busy, total
 
 
 def fd_limit(pid: int) -> int | str:
@@ -135,14 +144,9 @@ def fd_limit(pid: int) -> int | str:
 def busy_cpus(seconds: float = 1.0) -> float:
     """How many CPUs' worth of work the machine does over ``seconds`` (before a run)."""
 
-    def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle, iowait
-        return sum(fields) - idle, sum(fields)
-
-    busy0, total0 = sample()
+    busy0, total0 = machine_jiffies()
     time.sleep(seconds)
-    busy1, total1 = sample()
+    busy1, total1 = machine_jiffies()
     return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
 
 
