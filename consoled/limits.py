@@ -84,7 +84,7 @@ def _trim(table: OrderedDict[str, Any]) -> None:
         table.popitem(last=False)
 
 
-class _Refuser(Protocol):
+class Refuser(Protocol):
     """Says a door's refusal on its wire and closes."""
 
     def __init__(self, answer: bytes) -> None:
@@ -151,7 +151,7 @@ class PeerLimit(Factory):
                 address=address,
                 ending=ending,
             )
-            return _Refuser(self.answer(ending))
+            return Refuser(self.answer(ending))
         protocol = self.wrapped.buildProtocol(addr)
         if protocol is None:
             return None

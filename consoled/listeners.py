@@ -263,6 +263,8 @@ def door(
         clock=reactor,
         first_byte_timeout=first_byte_timeout,
         alpn=alpn,
+        door=name,
+        answer=answer,
     )
     if name in settings.consoled.proxy_protocol:
         # Outermost: the header precedes TLS, and the chain behind it (PeerLimit

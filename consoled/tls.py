@@ -7,6 +7,8 @@
 - `tls_factory` wraps a listener's factory: plain, TLS only (`ssl_only`), or
   both on one port, told apart by the first byte the client sends: 0x16 (a
   TLS handshake record) means TLS, anything else plain, as websockify does.
+  On a TLS-only port a plain client is told so in the door's words (an HTTP
+  400, a line) and logged (`PlainRefused`), instead of a bare hang-up.
 - ALPN: each door's TLS factory (`ServerTLSFactory`) names the protocols it
   may select (`HTTP_ALPN` for the websocket doors, none for XVP and the raw
   serial door). The server picks the first of them the client offers, and
@@ -53,6 +55,8 @@ from zope.interface import implementer
 
 from consoled import malloc
 from consoled.config import Settings
+from consoled.endings import Ending, Kind
+from consoled.limits import Refuser
 from consoled.wire import write_now
 
 log = Logger()
@@ -740,8 +744,37 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
             malloc.release()
 
 
+#: What a plain client on a TLS-only port is told (the door renders it).
+TLS_ONLY = Ending(
+    Kind.BAD_REQUEST, "this port speaks TLS only: use https://, wss:// or a TLS client"
+)
+
+
+class PlainRefused(Factory):
+    """A TLS-only port's answer to a client whose first byte starts no TLS
+    handshake: ``answer`` (the door's refusal on its wire: an HTTP 400, a
+    line) and a log line, then the connection closes.  Without it a browser
+    sent to http:// got an empty reply and the log said nothing."""
+
+    noisy = False
+
+    def __init__(self, door: str, answer: Callable[[Ending], bytes]) -> None:
+        self.door = door
+        self.answer = answer
+
+    def buildProtocol(self, addr: IAddress) -> Refuser:
+        log.info(
+            "refused {door} connection from {address}: {ending}",
+            door=self.door,
+            address=getattr(addr, "host", addr),
+            ending=TLS_ONLY,
+        )
+        return Refuser(self.answer(TLS_ONLY))
+
+
 class TLSOrPlainFactory(Factory):
-    """One port for both: TLS when the first byte starts a handshake, else plain."""
+    """One port for both: TLS when the first byte starts a handshake, else
+    ``plain`` (the wrapped factory itself unless told otherwise)."""
 
     def __init__(
         self,
@@ -750,8 +783,9 @@ class TLSOrPlainFactory(Factory):
         clock: IReactorTime,
         first_byte_timeout: float = 0,
         alpn: Sequence[bytes] = (),
+        plain: IProtocolFactory | None = None,
     ) -> None:
-        self.plain = wrapped
+        self.plain = wrapped if plain is None else plain
         self.tls = ServerTLSFactory(tls, wrapped, alpn)
         self.first_byte_timeout = first_byte_timeout
         self.clock = clock
@@ -774,17 +808,22 @@ def tls_factory(
     clock: IReactorTime,
     first_byte_timeout: float = 0,
     alpn: Sequence[bytes] = (),
+    door: str = "",
+    answer: Callable[[Ending], bytes] | None = None,
 ) -> IProtocolFactory:
     """wrapped behind TLS as configured: plain (tls None), TLS only, or either.
 
-    On a shared port a client that sends nothing is closed after
-    ``first_byte_timeout`` seconds on ``clock`` (0: never). ``alpn`` is what
-    the door may select from a client's ALPN list (see `select_alpn`).
+    A client that sends nothing is closed after ``first_byte_timeout``
+    seconds on ``clock`` (0: never). ``alpn`` is what the door may select
+    from a client's ALPN list (see `select_alpn`).  On a TLS-only port a
+    plain client gets ``answer`` (`PlainRefused`, logged as ``door``);
+    without one it is disconnected.
     """
     if tls is None:
         if ssl_only:
             raise ValueError("ssl_only needs TLS: server_tls_from_settings never gives None then")
         return wrapped
-    if ssl_only:
+    if ssl_only and answer is None:
         return ServerTLSFactory(tls, wrapped, alpn)
-    return TLSOrPlainFactory(wrapped, tls, clock, first_byte_timeout, alpn)
+    plain = PlainRefused(door, answer) if ssl_only and answer is not None else None
+    return TLSOrPlainFactory(wrapped, tls, clock, first_byte_timeout, alpn, plain)

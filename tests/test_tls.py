@@ -799,3 +799,61 @@ class SharedPortDoorALPNTests(DoorMixin, TestCase):
         selected, answer = await self.stdlib(["h2"], java_request(token) + b"ping", b"ping")
         self.assertIsNone(selected)
         self.assertEqual(answer, b"HTTP/1.1 200 OK\r\n\r\nping")
+
+
+def plain_exchange(port: int, request: bytes) -> bytes:
+    """A plain TCP client, blocking (run it in a thread): send request, read until closed."""
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+class PlainOnTLSOnlyTests(DoorMixin, TestCase):
+    """ssl_only: a plain client is told the port speaks TLS only, in its door's
+    words, and the refusal is logged; nothing reaches the door."""
+
+    door = "novnc"
+
+    def refusals(self, events: Any) -> list[str]:
+        return [
+            e["log_format"].format(**e)
+            for e in events
+            if e.get("log_format", "").startswith("refused {door} connection")
+        ]
+
+    async def test_http_door_answers_400(self) -> None:
+        """A browser sent to http:// on a TLS-only websocket door gets a 400 saying so."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        request = b"GET /vnc_lite.html HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        answer = await deferToThread(plain_exchange, self.port, request)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
+        self.assertIn(b"this port speaks TLS only", answer)
+        self.assertEqual(
+            self.refusals(events),
+            [
+                "refused novnc connection from 127.0.0.1: bad request: "
+                "this port speaks TLS only: use https://, wss:// or a TLS client"
+            ],
+        )
+        self.assertEqual(self.consoled.session_rows(), [])
+
+    async def test_raw_serial_door_answers_a_line(self) -> None:
+        """nc on the TLS-only raw serial door gets a line instead of a bare hang-up."""
+        self.port = self.consoled.port("serial-tcp")
+        answer = await deferToThread(plain_exchange, self.port, b"hello\r\n")
+        self.assertEqual(
+            answer,
+            b"console unavailable: bad request: "
+            b"this port speaks TLS only: use https://, wss:// or a TLS client\r\n",
+        )
+
+    async def test_tls_still_served(self) -> None:
+        """The same port still serves TLS (the detector sends the handshake to TLS)."""
+        request = b"GET /serial.html HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        self.port = self.consoled.port("serial")
+        selected, answer = await self.stdlib(["http/1.1"], request, b"\r\n\r\n")
+        self.assertEqual(selected, "http/1.1")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:80])
